@@ -1,0 +1,381 @@
+//! `tokenfab bench`: a streaming load generator for any OpenAI-compatible endpoint.
+//! Reports TTFT, inter-token and end-to-end latency percentiles, output tokens/s and
+//! errors, per request class (`chat`, `long`).
+
+use clap::Args;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Base URL of the server, e.g. http://127.0.0.1:8080
+    #[arg(long)]
+    url: String,
+    /// Model name to request (default: the first of GET /v1/models).
+    #[arg(long)]
+    model: Option<String>,
+    /// Closed loop: this many requests in flight at once.
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Requests in total.
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    /// Words in each user prompt (about one token each).
+    #[arg(long, default_value_t = 40)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Words of a system prompt shared within each group (prefix-reuse workload).
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
+    /// Number of groups sharing a system prompt.
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
+    /// Every 4th request carries a prompt of this many words (class `long`).
+    #[arg(long, default_value_t = 0)]
+    mix_long: usize,
+    /// Extra request header, `name: value` (repeatable), e.g. an API key.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+const WORDS: &[&str] = &[
+    "time", "year", "people", "way", "day", "thing", "world", "school", "state", "family", "group",
+    "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "number",
+    "night", "point", "home", "water", "room", "money", "story", "month", "book",
+];
+
+fn words(n: usize, rng: &mut impl Rng) -> String {
+    (0..n)
+        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Default)]
+struct Samples {
+    ttft: BTreeMap<&'static str, Vec<f64>>,
+    itl: BTreeMap<&'static str, Vec<f64>>,
+    e2e: Vec<f64>,
+    tokens: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize)]
+struct Pcts {
+    p50: Option<f64>,
+    p95: Option<f64>,
+    p99: Option<f64>,
+}
+
+fn pct(xs: &mut [f64], p: f64) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let k = ((p / 100.0) * (xs.len() - 1) as f64).round() as usize;
+    Some((xs[k.min(xs.len() - 1)] * 100.0).round() / 100.0)
+}
+
+fn pcts(xs: &mut [f64]) -> Pcts {
+    Pcts {
+        p50: pct(xs, 50.0),
+        p95: pct(xs, 95.0),
+        p99: pct(xs, 99.0),
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    url: String,
+    model: String,
+    requests: usize,
+    ok: usize,
+    errors: BTreeMap<String, u64>,
+    wall_s: f64,
+    out_tok_per_s: f64,
+    e2e_ms: Pcts,
+    ttft_ms: BTreeMap<&'static str, Pcts>,
+    itl_ms: BTreeMap<&'static str, Pcts>,
+}
+
+struct Job {
+    body: serde_json::Value,
+    tag: &'static str,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(args))
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(900))
+        .build()?;
+    let url = args.url.trim_end_matches('/').to_owned();
+    let mut headers = reqwest::header::HeaderMap::new();
+    for h in &args.headers {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--header must be 'name: value', got '{h}'"))?;
+        headers.insert(
+            reqwest::header::HeaderName::from_bytes(k.trim().as_bytes())?,
+            reqwest::header::HeaderValue::from_str(v.trim())?,
+        );
+    }
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => first_model(&client, &url, &headers).await?,
+    };
+    let jobs = make_jobs(&args, &model);
+    let pb = ProgressBar::new(jobs.len() as u64);
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}") {
+        pb.set_style(style);
+    }
+    if args.json {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let t0 = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.unwrap_or(
+        if args.rate.is_some() {
+            usize::MAX >> 4
+        } else {
+            8
+        },
+    )));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x9e37);
+    let mut tasks = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if let Some(rate) = args.rate {
+            let gap = -(1.0 - rng.gen::<f64>()).ln() / rate.max(1e-9);
+            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        }
+        let permit = sem.clone().acquire_owned().await?;
+        let (client, url, headers, samples, pb) = (
+            client.clone(),
+            url.clone(),
+            headers.clone(),
+            samples.clone(),
+            pb.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            one(&client, &url, headers, job, &samples).await;
+            pb.inc(1);
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    pb.finish_and_clear();
+    let wall = t0.elapsed().as_secs_f64();
+    let mut s = std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let report = Report {
+        url,
+        model,
+        requests: args.requests,
+        ok: s.e2e.len(),
+        errors: s.errors.clone(),
+        wall_s: (wall * 100.0).round() / 100.0,
+        out_tok_per_s: (s.tokens as f64 / wall * 10.0).round() / 10.0,
+        e2e_ms: pcts(&mut s.e2e),
+        ttft_ms: s.ttft.iter_mut().map(|(k, v)| (*k, pcts(v))).collect(),
+        itl_ms: s.itl.iter_mut().map(|(k, v)| (*k, pcts(v))).collect(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    let system = (a.shared_prefix > 0)
+        .then(|| words(a.shared_prefix, &mut rand::rngs::StdRng::seed_from_u64(99)));
+    (0..a.requests)
+        .map(|i| {
+            let mut messages = Vec::new();
+            if let Some(sys) = &system {
+                let group = i % a.groups.max(1);
+                messages.push(serde_json::json!({"role": "system", "content": format!("[group {group}] {sys}")}));
+            }
+            let long = a.mix_long > 0 && i % 4 == 0;
+            let n = if long { a.mix_long } else { a.prompt_tokens };
+            messages.push(serde_json::json!({"role": "user", "content": words(n, &mut rng)}));
+            Job {
+                body: serde_json::json!({
+                    "model": model, "messages": messages, "max_tokens": a.max_tokens,
+                    "temperature": a.temperature, "stream": true,
+                }),
+                tag: if long { "long" } else { "chat" },
+            }
+        })
+        .collect()
+}
+
+async fn first_model(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &reqwest::header::HeaderMap,
+) -> anyhow::Result<String> {
+    let v: serde_json::Value = client
+        .get(format!("{url}/v1/models"))
+        .headers(headers.clone())
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("{url}/v1/models lists no model; pass --model"))
+}
+
+fn record_error(samples: &Mutex<Samples>, kind: String) {
+    if let Ok(mut s) = samples.lock() {
+        *s.errors.entry(kind).or_insert(0) += 1;
+    }
+}
+
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    headers: reqwest::header::HeaderMap,
+    job: Job,
+    samples: &Mutex<Samples>,
+) {
+    let t0 = Instant::now();
+    let resp = client
+        .post(format!("{url}/v1/chat/completions"))
+        .headers(headers)
+        .json(&job.body)
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => return record_error(samples, format!("http {}", r.status().as_u16())),
+        Err(e) => return record_error(samples, format!("connect: {}", short(&e))),
+    };
+    let mut stamps: Vec<Instant> = Vec::new();
+    let mut buf = Vec::<u8>::new();
+    let mut body = resp.bytes_stream();
+    let mut done = false;
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return record_error(samples, format!("stream: {}", short(&e))),
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(data) = line.trim().strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim();
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            if v.get("error").is_some() {
+                return record_error(samples, "error event".into());
+            }
+            let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+            if !content.is_empty() {
+                stamps.push(Instant::now());
+            }
+        }
+    }
+    let end = Instant::now();
+    if !done {
+        return record_error(samples, "stream ended without [DONE]".into());
+    }
+    let Some(first) = stamps.first() else {
+        return record_error(samples, "no tokens".into());
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    if let Ok(mut s) = samples.lock() {
+        s.ttft.entry(job.tag).or_default().push(ms(*first - t0));
+        s.e2e.push(ms(end - t0));
+        let itl = s.itl.entry(job.tag).or_default();
+        itl.extend(stamps.windows(2).map(|w| ms(w[1] - w[0])));
+        s.tokens += stamps.len() as u64;
+    }
+}
+
+fn short(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timeout".into()
+    } else if e.is_connect() {
+        "refused".into()
+    } else {
+        "io".into()
+    }
+}
+
+fn print_table(r: &Report) {
+    let f = |x: Option<f64>| x.map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+    println!("{} ({})", r.url, r.model);
+    println!(
+        "requests {}  ok {}  errors {}  wall {:.2} s  output {:.1} tok/s",
+        r.requests,
+        r.ok,
+        r.errors.values().sum::<u64>(),
+        r.wall_s,
+        r.out_tok_per_s
+    );
+    println!("{:<12} {:>10} {:>10} {:>10}", "ms", "p50", "p95", "p99");
+    println!(
+        "{:<12} {:>10} {:>10} {:>10}",
+        "e2e",
+        f(r.e2e_ms.p50),
+        f(r.e2e_ms.p95),
+        f(r.e2e_ms.p99)
+    );
+    for (tag, p) in &r.ttft_ms {
+        println!(
+            "{:<12} {:>10} {:>10} {:>10}",
+            format!("ttft {tag}"),
+            f(p.p50),
+            f(p.p95),
+            f(p.p99)
+        );
+    }
+    for (tag, p) in &r.itl_ms {
+        println!(
+            "{:<12} {:>10} {:>10} {:>10}",
+            format!("itl {tag}"),
+            f(p.p50),
+            f(p.p95),
+            f(p.p99)
+        );
+    }
+    for (e, n) in &r.errors {
+        println!("error: {e} × {n}");
+    }
+}

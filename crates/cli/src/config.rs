@@ -1,0 +1,143 @@
+//! Configuration: defaults < TOML file (`--config`) < `TOKENFAB_*` environment < flags.
+//! clap applies environment and flags (flags win); this module applies them over the file.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub model: ModelConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Largest request body accepted, in bytes (larger → 413).
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Catalog name, local .gguf path, or hf:<owner>/<repo>/<file>.
+    pub name: String,
+    /// KV cells shared by all sequences (tokens).
+    pub kv_tokens: u32,
+    /// Concurrent sequences in the running batch.
+    pub slots: u32,
+    /// CPU threads for llama.cpp kernels; 0 = all cores.
+    pub threads: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Token budget of one engine step (decodes first, then prefill chunks).
+    pub max_step_tokens: u32,
+    /// Largest prefill chunk of one sequence per step.
+    pub max_prefill_chunk: u32,
+    /// KV block size in tokens.
+    pub block_tokens: u32,
+    /// Bounded queue: requests waiting (more → 503 with Retry-After).
+    pub max_waiting: u32,
+    /// Bounded queue: prompt tokens waiting.
+    pub max_waiting_tokens: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 2 << 20,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            name: tokenfab_llama::pull::DEFAULT_MODEL.into(),
+            kv_tokens: 8192,
+            slots: 16,
+            threads: 0,
+        }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        let e = tokenfab_engine::EngineConfig::default();
+        SchedulerConfig {
+            max_step_tokens: e.max_step_tokens,
+            max_prefill_chunk: e.max_prefill_chunk,
+            block_tokens: e.block_tokens,
+            max_waiting: e.max_waiting,
+            max_waiting_tokens: e.max_waiting_tokens,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            model: ModelConfig::default(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, overlaid with the TOML file when one is given.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let Some(path) = file else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+    }
+
+    pub fn engine(&self) -> tokenfab_engine::EngineConfig {
+        tokenfab_engine::EngineConfig {
+            max_step_tokens: self.scheduler.max_step_tokens,
+            max_prefill_chunk: self.scheduler.max_prefill_chunk,
+            block_tokens: self.scheduler.block_tokens,
+            max_waiting: self.scheduler.max_waiting,
+            max_waiting_tokens: self.scheduler.max_waiting_tokens,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[server]\nport = 9000\n").expect("write");
+        let c = Config::load(Some(&p)).expect("load");
+        assert_eq!(c.server.port, 9000);
+        assert_eq!(c.server.host, "127.0.0.1");
+        std::fs::write(&p, "[server]\nprot = 9000\n").expect("write");
+        let err = Config::load(Some(&p))
+            .expect_err("typo must fail")
+            .to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let c = Config::default();
+        let text = toml::to_string(&c).expect("serialize");
+        assert_eq!(toml::from_str::<Config>(&text).expect("parse"), c);
+    }
+}

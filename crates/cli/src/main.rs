@@ -1,0 +1,146 @@
+//! The `tokenfab` binary: `serve`, `pull`, `bench`, `config`.
+//!
+//! Wiring only: it parses flags and config, builds the engine with the llama.cpp executor
+//! and hands it to the gateway. Logic belongs in the library crates.
+
+mod bench;
+mod config;
+mod serve;
+
+use clap::{Args, Parser, Subcommand};
+use config::Config;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "tokenfab",
+    version,
+    about = "Serve open models as a multi-tenant, metered token service"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "TOKENFAB_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible API (pulls the model first if needed).
+    Serve(ServeArgs),
+    /// Fetch a model into the cache and verify it.
+    Pull {
+        /// Catalog name, local .gguf path, or hf:<owner>/<repo>/<file>.
+        #[arg(default_value = tokenfab_llama::pull::DEFAULT_MODEL)]
+        model: String,
+    },
+    /// Load-test any OpenAI-compatible endpoint (streaming).
+    Bench(bench::BenchArgs),
+    /// Print the resolved configuration as TOML.
+    Config(ServeArgs),
+}
+
+/// Flags shared by `serve` and `config`; each overrides the config file and is also read
+/// from its `TOKENFAB_*` environment variable.
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "TOKENFAB_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "TOKENFAB_HOST")]
+    host: Option<String>,
+    #[arg(long, env = "TOKENFAB_PORT")]
+    port: Option<u16>,
+    /// Catalog name, local .gguf path, or hf:<owner>/<repo>/<file>.
+    #[arg(long, env = "TOKENFAB_MODEL")]
+    model: Option<String>,
+    /// KV cells (tokens) shared by all sequences.
+    #[arg(long, env = "TOKENFAB_KV_TOKENS")]
+    kv_tokens: Option<u32>,
+    /// Concurrent sequences in the running batch.
+    #[arg(long, env = "TOKENFAB_SLOTS")]
+    slots: Option<u32>,
+    /// CPU threads for the kernels (0 = all cores).
+    #[arg(long, env = "TOKENFAB_THREADS")]
+    threads: Option<u32>,
+    /// Token budget of one engine step.
+    #[arg(long, env = "TOKENFAB_MAX_STEP_TOKENS")]
+    max_step_tokens: Option<u32>,
+    /// Bounded queue length (requests).
+    #[arg(long, env = "TOKENFAB_MAX_WAITING")]
+    max_waiting: Option<u32>,
+}
+
+impl ServeArgs {
+    fn resolve(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(v) = &self.host {
+            c.server.host.clone_from(v);
+        }
+        if let Some(v) = self.port {
+            c.server.port = v;
+        }
+        if let Some(v) = &self.model {
+            c.model.name.clone_from(v);
+        }
+        if let Some(v) = self.kv_tokens {
+            c.model.kv_tokens = v;
+        }
+        if let Some(v) = self.slots {
+            c.model.slots = v;
+        }
+        if let Some(v) = self.threads {
+            c.model.threads = v;
+        }
+        if let Some(v) = self.max_step_tokens {
+            c.scheduler.max_step_tokens = v;
+        }
+        if let Some(v) = self.max_waiting {
+            c.scheduler.max_waiting = v;
+        }
+        Ok(c)
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama_cpp_2=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => serve::run(args.resolve()?),
+        Command::Pull { model } => {
+            let pulled = tokenfab_llama::pull::pull(&model, &tokenfab_llama::pull::home())?;
+            println!("{}", pulled.path.display());
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args),
+        Command::Config(args) => {
+            print!("{}", toml::to_string(&args.resolve()?)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The boundary between the engine loop and the hardware: run one batch, sample tokens.
+
+use tokenfab_types::{SeqSlot, TokenId};
+
+/// Sampling parameters of one sequence. `temperature == 0` means greedy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: u32,
+    /// Seed of the sequence's random source; the engine picks one when the client did not.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// What an executor can hold; the engine sizes the scheduler from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecutorCapacity {
+    /// Concurrent sequences.
+    pub slots: u32,
+    /// KV cells (tokens) across all sequences.
+    pub kv_tokens: u64,
+    /// Tokens one sequence can hold (the model's context).
+    pub max_seq_tokens: u64,
+    /// Tokens one batch can carry.
+    pub max_batch_tokens: u32,
+}
+
+/// One sequence's part of a batch: `tokens` at positions `pos..pos + tokens.len()`.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchEntry<'a> {
+    pub slot: SeqSlot,
+    pub pos: u64,
+    pub tokens: &'a [TokenId],
+    /// Sample the next token after the last of `tokens`.
+    pub sample: bool,
+}
+
+/// A sampled token; `eog` when it ends the generation (the model's end tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sampled {
+    pub token: TokenId,
+    pub eog: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("executor has no KV space for the batch")]
+    NoKvSpace,
+    #[error("executor failed: {0}")]
+    Failed(String),
+}
+
+/// Runs batches on some hardware. Implementations: `tokenfab_llama::LlamaExecutor` (real
+/// kernels) and the simulator's timing model. All methods run on the engine thread.
+pub trait Executor {
+    fn capacity(&self) -> ExecutorCapacity;
+
+    /// Forget a slot's KV cells and sampler state.
+    fn release(&mut self, slot: SeqSlot);
+
+    /// Prepare a slot for a new sequence (called before its first batch entry, and again
+    /// after a preemption restarts it).
+    fn begin(&mut self, slot: SeqSlot, params: &SamplingParams);
+
+    /// Run one batch. Returns one [`Sampled`] per entry with `sample`, in entry order.
+    fn run(&mut self, batch: &[BatchEntry<'_>]) -> Result<Vec<Sampled>, ExecError>;
+}

@@ -1,0 +1,49 @@
+use crate::engine::EngineError;
+use crate::executor::SamplingParams;
+use tokenfab_sched::{Band, FinishReason, Slo};
+use tokenfab_types::{TenantId, TokenId, Tokens};
+use tokio::sync::mpsc;
+
+/// A tokenized generation request.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub tenant: TenantId,
+    pub band: Band,
+    pub weight: u32,
+    pub prompt: Vec<TokenId>,
+    pub max_new: Tokens,
+    /// `None`: the engine draws a random seed.
+    pub seed: Option<u64>,
+    pub sampling: SamplingParams,
+    pub slo: Slo,
+}
+
+/// Token accounting of a finished generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// What a generation emits, in order: tokens, then exactly one `Finished` or `Failed`.
+#[derive(Debug)]
+pub enum Event {
+    Token(TokenId),
+    Finished { reason: FinishReason, usage: Usage },
+    Failed(EngineError),
+}
+
+/// The receiving end of a generation. Dropping it cancels the request: the engine notices
+/// before its next step and frees the sequence's KV.
+#[derive(Debug)]
+pub struct Generation {
+    pub(crate) rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Generation {
+    /// The next event; `None` after the final event.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}

@@ -1,0 +1,115 @@
+//! The one place where an [`ErrorCode`] becomes an HTTP status and an OpenAI error
+//! `type`/`code`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokenfab_api::{ErrorBody, ErrorDetail};
+use tokenfab_engine::EngineError;
+use tokenfab_types::{ErrorCode, Nanos};
+
+/// An error on its way to the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub param: Option<String>,
+    pub retry_after: Option<Nanos>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param.to_owned()),
+            ..ApiError::new(ErrorCode::InvalidRequest, message)
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        status_of(self.code)
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let (kind, code) = openai_kind(self.code);
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: kind.to_owned(),
+                param: self.param.clone(),
+                code: code.map(str::to_owned),
+            },
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        ApiError {
+            code: e.code(),
+            param: (e.code() == ErrorCode::ContextLengthExceeded).then(|| "messages".to_owned()),
+            retry_after: e.retry_after(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// HTTP status of each error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidRequest | ErrorCode::InvalidJson | ErrorCode::ContextLengthExceeded => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::ModelNotFound | ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// OpenAI's error `type` and `code` for each error code.
+fn openai_kind(code: ErrorCode) -> (&'static str, Option<&'static str>) {
+    match code {
+        ErrorCode::InvalidRequest => ("invalid_request_error", None),
+        ErrorCode::InvalidJson => ("invalid_request_error", Some("invalid_json")),
+        ErrorCode::ContextLengthExceeded => {
+            ("invalid_request_error", Some("context_length_exceeded"))
+        }
+        ErrorCode::ModelNotFound => ("invalid_request_error", Some("model_not_found")),
+        ErrorCode::NotFound => ("invalid_request_error", Some("not_found")),
+        ErrorCode::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed")),
+        ErrorCode::PayloadTooLarge => ("invalid_request_error", Some("payload_too_large")),
+        ErrorCode::Overloaded => ("server_error", Some("overloaded")),
+        ErrorCode::ShuttingDown => ("server_error", Some("shutting_down")),
+        ErrorCode::Internal => ("server_error", Some("internal_error")),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self.code.origin() {
+            tokenfab_types::ErrorOrigin::Internal => {
+                tracing::error!(code = self.code.as_str(), message = %self.message, "request failed")
+            }
+            _ => {
+                tracing::debug!(code = self.code.as_str(), message = %self.message, "request refused")
+            }
+        }
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.0.div_ceil(1_000_000_000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}

@@ -1,0 +1,20 @@
+//! The HTTP edge: OpenAI-compatible routes on axum, request validation, the OpenAI error
+//! envelope, SSE streaming and `/metrics`.
+//!
+//! Handlers stay thin: extract, validate, call the engine, convert. Only this crate knows
+//! HTTP; it must not reach into llama.cpp or the scheduler's internals.
+
+mod error;
+mod extract;
+mod metrics;
+mod output;
+mod routes;
+mod state;
+mod stop;
+mod stream;
+mod validate;
+
+pub use error::{status_of, ApiError};
+pub use metrics::HttpMetrics;
+pub use routes::router;
+pub use state::{AppState, GatewayConfig};

@@ -1,0 +1,103 @@
+//! Admission: a bounded queue (in requests and in tokens), early rejection of requests
+//! whose TTFT target cannot be met, and shedding of the lowest bands under overload.
+
+use crate::request::SchedRequest;
+use crate::scheduler::Scheduler;
+use tokenfab_types::{Nanos, RequestId, Tokens};
+
+/// Why a request was not admitted. Every variant says when trying again makes sense.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// prompt + max_new exceeds what one sequence can ever hold.
+    TooLong { limit: Tokens, requested: Tokens },
+    /// The prompt is empty.
+    EmptyPrompt,
+    /// The bounded queue is full (or the request was shed for a higher band).
+    QueueFull { retry_after: Nanos },
+    /// The predicted time to first token exceeds the request's TTFT target.
+    SloUnattainable {
+        predicted_ttft: Nanos,
+        retry_after: Nanos,
+    },
+    /// The scheduler is draining for shutdown.
+    Draining,
+}
+
+impl Scheduler {
+    /// Checks that can fail before the queue is even looked at.
+    pub(crate) fn validate(&self, req: &SchedRequest) -> Result<(), Rejection> {
+        if req.prompt.0 == 0 {
+            return Err(Rejection::EmptyPrompt);
+        }
+        let requested = req.prompt + req.max_new;
+        let limit = Tokens(
+            self.config()
+                .max_seq_tokens
+                .min(u64::from(self.blocks().total()) * u64::from(self.blocks().block_tokens())),
+        );
+        if requested > limit {
+            return Err(Rejection::TooLong { limit, requested });
+        }
+        Ok(())
+    }
+
+    /// Predicted time until `req` gets its first token: the prefill work queued ahead of it
+    /// (same or higher band) plus its own prompt, at the measured prefill rate.
+    pub(crate) fn predict_ttft(&self, req: &SchedRequest) -> Option<Nanos> {
+        let rate = self.prefill_tokens_per_sec()?;
+        let ahead: u64 = self
+            .queue()
+            .iter()
+            .filter(|w| w.req.band <= req.band)
+            .map(|w| w.req.prompt.0 + w.generated.0)
+            .sum::<u64>()
+            + self.running_prefill_backlog();
+        let tokens = ahead + req.prompt.0;
+        Some(Nanos::from_secs_f64(tokens as f64 / rate))
+    }
+
+    /// How long until the queue has likely drained enough to take `extra` tokens.
+    pub(crate) fn retry_after(&self, extra: u64) -> Nanos {
+        let rate = self.prefill_tokens_per_sec().unwrap_or(100.0);
+        let secs = (self.queue().tokens() + extra) as f64 / rate;
+        Nanos::from_secs_f64(secs.clamp(1.0, 600.0))
+    }
+
+    /// Whether the queue has room for `req` without shedding.
+    pub(crate) fn has_room(&self, req: &SchedRequest) -> bool {
+        let c = self.config();
+        (self.queue().len() as u64) < u64::from(c.max_waiting)
+            && self.queue().tokens() + req.prompt.0 <= c.max_waiting_tokens
+    }
+
+    /// Pick requests of lower bands to shed until `req` fits; `None` when it cannot fit.
+    pub(crate) fn shed_plan(&self, req: &SchedRequest) -> Option<Vec<RequestId>> {
+        let c = self.config();
+        let mut len = self.queue().len() as u64;
+        let mut tokens = self.queue().tokens();
+        let mut victims = Vec::new();
+        let mut candidates: Vec<_> = self
+            .queue()
+            .iter()
+            .filter(|w| w.req.band > req.band)
+            .map(|w| {
+                (
+                    std::cmp::Reverse(w.req.band),
+                    std::cmp::Reverse(w.seq_no),
+                    w,
+                )
+            })
+            .collect();
+        candidates.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for (_, _, w) in candidates {
+            if len < u64::from(c.max_waiting) && tokens + req.prompt.0 <= c.max_waiting_tokens {
+                break;
+            }
+            len -= 1;
+            tokens -= w.req.prompt.0 + w.generated.0;
+            victims.push(w.req.id);
+        }
+        (len < u64::from(c.max_waiting) && tokens + req.prompt.0 <= c.max_waiting_tokens)
+            .then_some(victims)
+    }
+}

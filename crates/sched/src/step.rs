@@ -1,0 +1,53 @@
+//! Step plans: what one executor step computes. The core plans, the driver executes,
+//! then reports what was sampled.
+
+use tokenfab_types::{Nanos, RequestId, SeqSlot};
+
+/// One sequence's share of a step: feed `n` tokens starting at position `pos` (the
+/// sequence's token stream is prompt then generated tokens; the driver holds the
+/// contents) and, when `sample` is set, sample the next token from the last position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Work {
+    pub id: RequestId,
+    pub slot: SeqSlot,
+    pub pos: u64,
+    pub n: u32,
+    pub sample: bool,
+}
+
+impl Work {
+    /// A decode is one token that continues a sequence whose prompt is already in KV.
+    pub fn is_decode(&self) -> bool {
+        self.n == 1 && self.pos > 0 && self.sample
+    }
+}
+
+/// Everything the executor does in one step, in order: clear the KV of released slots,
+/// then run all `work` as one batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Slots whose KV cells must be cleared before the batch (finished, cancelled or
+    /// preempted sequences since the last plan).
+    pub release: Vec<SeqSlot>,
+    pub work: Vec<Work>,
+}
+
+impl StepPlan {
+    pub fn is_empty(&self) -> bool {
+        self.work.is_empty() && self.release.is_empty()
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.work.iter().map(|w| u64::from(w.n)).sum()
+    }
+}
+
+/// What the driver reports after executing a plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepResult {
+    /// For each `Work` with `sample`, in plan order: whether the sampled token ends the
+    /// generation (end-of-generation token).
+    pub sampled: Vec<(RequestId, bool)>,
+    /// How long the step took (wall time on hardware, modelled time in the simulator).
+    pub elapsed: Nanos,
+}

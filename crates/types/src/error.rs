@@ -1,0 +1,65 @@
+/// Who caused an error: decides logging level, metrics and whether a retry elsewhere helps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorOrigin {
+    Client,
+    Upstream,
+    Internal,
+}
+
+/// The closed set of errors tokenfab reports. Every crate's error enum maps into one of
+/// these; the gateway maps each to an HTTP status and an OpenAI error `type`/`code` in one
+/// place (`tokenfab_gateway::error`). Nothing is classified by parsing message text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Malformed JSON, wrong types, out-of-range parameters.
+    InvalidRequest,
+    /// The body could not be parsed as JSON at all.
+    InvalidJson,
+    /// prompt + max_tokens does not fit the model's context.
+    ContextLengthExceeded,
+    /// The named model is not served here.
+    ModelNotFound,
+    /// No route for this path.
+    NotFound,
+    /// The method is not allowed on this path.
+    MethodNotAllowed,
+    /// Body over the configured limit.
+    PayloadTooLarge,
+    /// Bounded queue full, or the request's SLO cannot be met: retry later.
+    Overloaded,
+    /// The engine is shutting down.
+    ShuttingDown,
+    /// A failure inside tokenfab.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn origin(self) -> ErrorOrigin {
+        match self {
+            ErrorCode::Overloaded | ErrorCode::ShuttingDown => ErrorOrigin::Upstream,
+            ErrorCode::Internal => ErrorOrigin::Internal,
+            _ => ErrorOrigin::Client,
+        }
+    }
+
+    /// Whether sending the same request again (later, or elsewhere) may succeed.
+    pub fn retry_safe(self) -> bool {
+        matches!(self, ErrorCode::Overloaded | ErrorCode::ShuttingDown)
+    }
+
+    /// A stable snake_case name, used as a bounded metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::ContextLengthExceeded => "context_length_exceeded",
+            ErrorCode::ModelNotFound => "model_not_found",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
