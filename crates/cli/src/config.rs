@@ -30,6 +30,8 @@ pub struct ModelConfig {
     pub kv_tokens: u32,
     /// Concurrent sequences in the running batch.
     pub slots: u32,
+    /// Kernel micro-batch (llama.cpp n_ubatch); smaller saves compute-buffer memory.
+    pub ubatch_tokens: u32,
     /// CPU threads for llama.cpp kernels; 0 = all cores.
     pub threads: u32,
 }
@@ -65,6 +67,7 @@ impl Default for ModelConfig {
             name: tokenfab_llama::pull::DEFAULT_MODEL.into(),
             kv_tokens: 8192,
             slots: 16,
+            ubatch_tokens: 256,
             threads: 0,
         }
     }

@@ -3,13 +3,10 @@
 //! Wiring only: it parses flags and config, builds the engine with the llama.cpp executor
 //! and hands it to the gateway. Logic belongs in the library crates.
 
-mod bench;
-mod config;
-mod serve;
-
 use clap::{Args, Parser, Subcommand};
-use config::Config;
 use std::path::PathBuf;
+use tokenfab::config::Config;
+use tokenfab::{bench, serve};
 
 #[derive(Parser)]
 #[command(
@@ -117,7 +114,7 @@ impl ServeArgs {
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama_cpp_2=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -7,15 +7,29 @@ use tokenfab_engine::{Engine, EngineMetrics};
 use tokenfab_gateway::{AppState, GatewayConfig, HttpMetrics};
 use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig, LoadedModel};
 
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// A ready server: the HTTP router and the engine behind it.
+pub struct App {
+    pub router: axum::Router,
+    pub engine: Engine,
+    pub model: Arc<LoadedModel>,
+}
+
+/// Pull and load the model, start the engine thread, build the router.
+pub fn build(cfg: &Config) -> anyhow::Result<App> {
     let pulled = tokenfab_llama::pull::pull(&cfg.model.name, &tokenfab_llama::pull::home())?;
     let model = LoadedModel::load(&pulled.path, &pulled.name)?;
+    build_with_model(cfg, model)
+}
+
+/// As [`build`], for a model already loaded (tests share one model between engines).
+pub fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::Result<App> {
     let registry = prometheus::Registry::new();
     let engine_metrics = EngineMetrics::new(&registry, model.name())?;
     let exec_cfg = LlamaExecutorConfig {
         kv_tokens: cfg.model.kv_tokens,
         slots: cfg.model.slots,
         batch_tokens: cfg.scheduler.max_step_tokens,
+        ubatch_tokens: cfg.model.ubatch_tokens,
         threads: cfg.model.threads,
     };
     let m = model.clone();
@@ -43,6 +57,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
+    Ok(App {
+        router: tokenfab_gateway::router(state),
+        engine,
+        model,
+    })
+}
+
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let app = build(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -53,10 +76,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(
             "serving {} on http://{addr} (local single-user mode: no API keys configured, every request is accepted)",
-            model.name()
+            app.model.name()
         );
-        axum::serve(listener, tokenfab_gateway::router(state))
-            .with_graceful_shutdown(shutdown(engine))
+        axum::serve(listener, app.router)
+            .with_graceful_shutdown(shutdown(app.engine))
             .await
             .context("server failed")
     })

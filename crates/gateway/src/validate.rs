@@ -167,13 +167,15 @@ pub fn chat(req: &ChatCompletionRequest, served: &str) -> Result<(Vec<ChatTurn>,
                 for (j, p) in parts.iter().enumerate() {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(t)) => text.push_str(t),
-                        _ => return Err(ApiError::invalid(
-                            &format!("messages[{i}].content[{j}]"),
-                            format!(
+                        _ => {
+                            return Err(ApiError::invalid(
+                                &format!("messages[{i}].content[{j}]"),
+                                format!(
                                 "content part of type '{}' is not supported; only text parts are",
                                 p.kind
                             ),
-                        )),
+                            ))
+                        }
                     }
                 }
                 text

@@ -19,6 +19,8 @@ pub struct LlamaExecutorConfig {
     pub slots: u32,
     /// Tokens per `llama_decode` call.
     pub batch_tokens: u32,
+    /// Tokens per kernel micro-batch (llama.cpp `n_ubatch`); sizes the compute buffer.
+    pub ubatch_tokens: u32,
     /// CPU threads for the kernels; 0 = all available cores.
     pub threads: u32,
 }
@@ -29,6 +31,7 @@ impl Default for LlamaExecutorConfig {
             kv_tokens: 8192,
             slots: 16,
             batch_tokens: 512,
+            ubatch_tokens: 256,
             threads: 0,
         }
     }
@@ -56,7 +59,7 @@ impl LlamaExecutor {
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(kv_tokens))
             .with_n_batch(cfg.batch_tokens)
-            .with_n_ubatch(cfg.batch_tokens)
+            .with_n_ubatch(cfg.ubatch_tokens.min(cfg.batch_tokens))
             .with_n_seq_max(cfg.slots.max(1))
             .with_kv_unified(true)
             .with_n_threads(threads)

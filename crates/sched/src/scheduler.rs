@@ -183,6 +183,60 @@ impl Scheduler {
         self.running.iter().any(|r| r.req.id == id) || self.queue.iter().any(|w| w.req.id == id)
     }
 
+    /// Verify the internal invariants: every block is owned by exactly one running sequence
+    /// (refcount 1) or free; blocks cover each sequence's computed tokens; slots are
+    /// unique and either running or free. For property tests and debugging.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut owned = vec![0u32; self.blocks.total() as usize];
+        for r in &self.running {
+            for b in &r.blocks {
+                owned[b.0 as usize] += 1;
+            }
+            let cover = r.blocks.len() as u64 * u64::from(self.blocks.block_tokens());
+            if cover < r.computed {
+                return Err(format!(
+                    "{:?}: {} blocks do not cover {} tokens",
+                    r.req.id,
+                    r.blocks.len(),
+                    r.computed
+                ));
+            }
+            if r.computed > r.known || r.generated > r.req.max_new.0 {
+                return Err(format!(
+                    "{:?}: computed {} known {} generated {}",
+                    r.req.id, r.computed, r.known, r.generated
+                ));
+            }
+        }
+        for (i, n) in owned.iter().enumerate() {
+            let refs = self.blocks.refcount(BlockId(i as u32));
+            if refs != *n {
+                return Err(format!("block {i}: refcount {refs} but {n} owners"));
+            }
+        }
+        if self.blocks.free_count() + self.blocks.used_count() != self.blocks.total() {
+            return Err("free + used != total".into());
+        }
+        let used_by_running: u32 = self.running.iter().map(|r| r.blocks.len() as u32).sum();
+        if used_by_running != self.blocks.used_count() {
+            return Err(format!(
+                "{used_by_running} blocks held by sequences, {} used",
+                self.blocks.used_count()
+            ));
+        }
+        let mut slots: Vec<u32> = self
+            .running
+            .iter()
+            .map(|r| r.slot.0)
+            .chain(self.free_slots.iter().map(|s| s.0))
+            .collect();
+        slots.sort_unstable();
+        if slots != (0..self.cfg.slots).collect::<Vec<_>>() {
+            return Err(format!("slots are not a partition: {slots:?}"));
+        }
+        Ok(())
+    }
+
     /// Stop admitting; running and queued requests continue.
     pub fn drain(&mut self) {
         self.draining = true;
@@ -320,7 +374,8 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() {
             let r = &self.running[i];
-            if r.computed == 0 || r.remaining_prefill() != 1 || budget == 0 {
+            let planned = work.iter().any(|w: &Work| w.id == r.req.id);
+            if planned || r.computed == 0 || r.remaining_prefill() != 1 || budget == 0 {
                 i += 1;
                 continue;
             }
@@ -342,12 +397,9 @@ impl Scheduler {
             let victim_id = self.running[v].req.id;
             work.retain(|w: &Work| w.id != victim_id);
             self.preempt(v);
-            // Indices shifted (swap_remove): restart the walk, skipping planned ones.
+            // Indices shifted (swap_remove): restart the walk; planned ones are skipped.
             budget = u64::from(self.cfg.max_step_tokens) - work.len() as u64;
             i = 0;
-            while i < self.running.len() && work.iter().any(|w| w.id == self.running[i].req.id) {
-                i += 1;
-            }
         }
         let planned: Vec<RequestId> = work.iter().map(|w| w.id).collect();
 

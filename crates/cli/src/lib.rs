@@ -1,0 +1,7 @@
+//! The `tokenfab` binary's wiring, as a library so black-box tests can start the same
+//! server the binary runs: configuration, `serve` assembly, and the `bench` load generator.
+//! Logic belongs in the other crates; this one only connects them.
+
+pub mod bench;
+pub mod config;
+pub mod serve;

