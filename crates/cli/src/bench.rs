@@ -127,8 +127,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    // A fresh connection per request, as the peers' neutral client does: reusing idle
+    // keep-alive sockets races with servers that close them.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(900))
+        .pool_max_idle_per_host(0)
         .build()?;
     let url = args.url.trim_end_matches('/').to_owned();
     let mut headers = reqwest::header::HeaderMap::new();

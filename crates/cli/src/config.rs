@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -28,7 +28,8 @@ pub struct ModelConfig {
     pub name: String,
     /// KV cells shared by all sequences (tokens).
     pub kv_tokens: u32,
-    /// Concurrent sequences in the running batch.
+    /// Sequence slots of the llama.cpp context: running sequences plus finished ones kept
+    /// as prefix-cache entries.
     pub slots: u32,
     /// Kernel micro-batch (llama.cpp n_ubatch); smaller saves compute-buffer memory.
     pub ubatch_tokens: u32,
@@ -43,12 +44,17 @@ pub struct SchedulerConfig {
     pub max_step_tokens: u32,
     /// Largest prefill chunk of one sequence per step.
     pub max_prefill_chunk: u32,
+    /// Sequences in the running batch at most.
+    pub max_running: u32,
     /// KV block size in tokens.
     pub block_tokens: u32,
     /// Bounded queue: requests waiting (more → 503 with Retry-After).
     pub max_waiting: u32,
     /// Bounded queue: prompt tokens waiting.
     pub max_waiting_tokens: u64,
+    /// Step time to keep while sequences stream (ms); prefill chunks are sized from
+    /// measured step times to fit it. 0 = always use the whole step budget.
+    pub target_step_ms: u32,
 }
 
 impl Default for ServerConfig {
@@ -66,7 +72,7 @@ impl Default for ModelConfig {
         ModelConfig {
             name: tokenfab_llama::pull::DEFAULT_MODEL.into(),
             kv_tokens: 8192,
-            slots: 16,
+            slots: 64,
             ubatch_tokens: 256,
             threads: 0,
         }
@@ -79,19 +85,11 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             max_step_tokens: e.max_step_tokens,
             max_prefill_chunk: e.max_prefill_chunk,
+            max_running: e.max_running,
             block_tokens: e.block_tokens,
             max_waiting: e.max_waiting,
             max_waiting_tokens: e.max_waiting_tokens,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            model: ModelConfig::default(),
-            scheduler: SchedulerConfig::default(),
+            target_step_ms: e.target_step_ms,
         }
     }
 }
@@ -111,9 +109,11 @@ impl Config {
         tokenfab_engine::EngineConfig {
             max_step_tokens: self.scheduler.max_step_tokens,
             max_prefill_chunk: self.scheduler.max_prefill_chunk,
+            max_running: self.scheduler.max_running,
             block_tokens: self.scheduler.block_tokens,
             max_waiting: self.scheduler.max_waiting,
             max_waiting_tokens: self.scheduler.max_waiting_tokens,
+            target_step_ms: self.scheduler.target_step_ms,
         }
     }
 }

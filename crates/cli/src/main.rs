@@ -67,9 +67,12 @@ pub struct ServeArgs {
     /// KV cells (tokens) shared by all sequences.
     #[arg(long, env = "TOKENFAB_KV_TOKENS")]
     kv_tokens: Option<u32>,
-    /// Concurrent sequences in the running batch.
+    /// Sequence slots of the llama.cpp context (running + prefix-cache entries).
     #[arg(long, env = "TOKENFAB_SLOTS")]
     slots: Option<u32>,
+    /// Sequences in the running batch at most.
+    #[arg(long, env = "TOKENFAB_MAX_RUNNING")]
+    max_running: Option<u32>,
     /// CPU threads for the kernels (0 = all cores).
     #[arg(long, env = "TOKENFAB_THREADS")]
     threads: Option<u32>,
@@ -98,6 +101,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.slots {
             c.model.slots = v;
+        }
+        if let Some(v) = self.max_running {
+            c.scheduler.max_running = v;
         }
         if let Some(v) = self.threads {
             c.model.threads = v;

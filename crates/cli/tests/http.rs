@@ -56,12 +56,14 @@ async fn chat_generates_real_text_with_usage() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stream_matches_non_stream_on_an_idle_engine() {
-    let url = serve(config()).await;
+    // Two fresh engines, so neither request is served from the other's prefix cache (a
+    // cache hit changes batch shapes, and llama.cpp's numerics with them).
+    let (url, url2) = (serve(config()).await, serve(config()).await);
     let body = chat_body(
         "Name three colours.",
         json!({"max_tokens": 20, "temperature": 0}),
     );
-    let (_, whole) = post(&url, "/v1/chat/completions", &body).await;
+    let (_, whole) = post(&url2, "/v1/chat/completions", &body).await;
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
     sbody["stream_options"] = json!({"include_usage": true});
@@ -232,13 +234,19 @@ async fn client_disconnect_cancels_and_frees_kv() {
     }
     let h = health(&url).await;
     assert_eq!(h["running"], 1, "{h}");
-    assert!(h["kv_blocks_used"].as_u64().unwrap_or(0) > 0);
+    let used_while_running = h["kv_blocks_used"].as_u64().unwrap_or(0);
+    assert!(used_while_running > 0);
     drop(stream);
     // A hang guard, not a timing assertion: cancellation takes one step (milliseconds).
+    // Afterwards only the prompt's full blocks may remain, as one prefix-cache entry.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let h = health(&url).await;
-        if h["running"] == 0 && h["kv_blocks_used"] == 0 {
+        let used = h["kv_blocks_used"].as_u64().unwrap_or(u64::MAX);
+        if h["running"] == 0
+            && h["cached_seqs"].as_u64().unwrap_or(9) <= 1
+            && used < used_while_running
+        {
             break;
         }
         assert!(Instant::now() < deadline, "sequence not cancelled: {h}");

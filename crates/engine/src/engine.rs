@@ -8,7 +8,8 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokenfab_sched::{
-    Ended, FinishReason, Rejection, SchedConfig, SchedRequest, SchedSnapshot, Scheduler, StepResult,
+    prefix_hashes, Ended, FinishReason, Rejection, SchedConfig, SchedRequest, SchedSnapshot,
+    Scheduler, StepResult,
 };
 use tokenfab_types::{ErrorCode, Nanos, RequestId, TokenId, Tokens};
 use tokio::sync::mpsc;
@@ -20,9 +21,15 @@ pub struct EngineConfig {
     pub max_step_tokens: u32,
     /// Largest prefill chunk of one sequence per step.
     pub max_prefill_chunk: u32,
+    /// Sequences in the running batch at most (the executor's other slots hold
+    /// prefix-cache entries).
+    pub max_running: u32,
     pub block_tokens: u32,
     pub max_waiting: u32,
     pub max_waiting_tokens: u64,
+    /// Step time to keep while sequences decode (their inter-token latency); prefill
+    /// chunks are sized from measured step times to fit. 0 = no target.
+    pub target_step_ms: u32,
 }
 
 impl Default for EngineConfig {
@@ -30,9 +37,11 @@ impl Default for EngineConfig {
         EngineConfig {
             max_step_tokens: 512,
             max_prefill_chunk: 512,
+            max_running: 16,
             block_tokens: 16,
             max_waiting: 256,
             max_waiting_tokens: 1 << 20,
+            target_step_ms: 250,
         }
     }
 }
@@ -206,6 +215,7 @@ impl<E: Executor> Loop<E> {
         let block_tokens = cfg.block_tokens.max(1);
         let sched = Scheduler::new(SchedConfig {
             slots: cap.slots,
+            max_running: cfg.max_running.clamp(1, cap.slots),
             kv_blocks: (cap.kv_tokens / u64::from(block_tokens)) as u32,
             block_tokens,
             max_seq_tokens: cap.max_seq_tokens,
@@ -214,6 +224,8 @@ impl<E: Executor> Loop<E> {
             max_waiting: cfg.max_waiting,
             max_waiting_tokens: cfg.max_waiting_tokens,
             watermark_blocks: 4,
+            target_step: (cfg.target_step_ms > 0)
+                .then(|| Nanos::from_millis(u64::from(cfg.target_step_ms))),
         });
         Loop {
             sched,
@@ -245,8 +257,17 @@ impl<E: Executor> Loop<E> {
                 self.command(cmd);
             }
             self.reap_cancelled();
-            self.step();
+            let worked = self.step();
             self.publish();
+            if !worked && !self.sched.is_idle() {
+                // Requests wait but none can be scheduled right now: wait for news
+                // instead of spinning.
+                match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                    Ok(cmd) => self.command(cmd),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
         }
     }
 
@@ -261,6 +282,11 @@ impl<E: Executor> Loop<E> {
         let id = RequestId(self.next_id);
         self.next_id += 1;
         let now = self.now();
+        let scope = match &req.cache_scope {
+            Some(s) => format!("shared:{s}"),
+            None => format!("tenant:{}", req.tenant),
+        };
+        let block_hashes = prefix_hashes(&scope, &req.prompt, self.sched.blocks().block_tokens());
         let sreq = SchedRequest {
             id,
             tenant: req.tenant,
@@ -270,6 +296,7 @@ impl<E: Executor> Loop<E> {
             max_new: req.max_new,
             arrival: now,
             slo: req.slo,
+            block_hashes,
         };
         match self.sched.admit(now, sreq) {
             Ok(shed) => {
@@ -316,24 +343,31 @@ impl<E: Executor> Loop<E> {
         }
     }
 
-    fn step(&mut self) {
+    /// Plan and execute one step; false when there was nothing to run.
+    fn step(&mut self) -> bool {
         let now = self.now();
         let plan = self.sched.plan(now);
         for slot in &plan.release {
             self.exec.release(*slot);
         }
-        if plan.work.is_empty() {
-            return;
+        for (slot, from) in &plan.trim {
+            self.exec.trim(*slot, *from);
         }
-        for w in plan.work.iter().filter(|w| w.pos == 0) {
-            if let Some(a) = self.active.get(&w.id) {
+        for (id, slot) in &plan.start {
+            if let Some(a) = self.active.get(id) {
                 if a.first_token.is_none() {
                     self.metrics
                         .queue_time
                         .observe(a.arrived.elapsed().as_secs_f64());
                 }
-                self.exec.begin(w.slot, &a.sampling);
+                self.exec.begin(*slot, &a.sampling);
             }
+        }
+        for c in &plan.copies {
+            self.exec.copy_prefix(c.from, c.to, c.tokens);
+        }
+        if plan.work.is_empty() {
+            return !plan.is_empty();
         }
         let mut batch = Vec::with_capacity(plan.work.len());
         for w in &plan.work {
@@ -352,18 +386,25 @@ impl<E: Executor> Loop<E> {
         let out = self.exec.run(&batch);
         let elapsed = started.elapsed();
         self.metrics.step_time.observe(elapsed.as_secs_f64());
+        tracing::debug!(
+            seqs = plan.work.len(),
+            decodes = plan.work.iter().filter(|w| w.is_decode()).count(),
+            tokens = plan.tokens(),
+            started = plan.start.len(),
+            reused = plan.copies.iter().map(|c| c.tokens).sum::<u64>(),
+            ms = elapsed.as_secs_f64() * 1e3,
+            "step"
+        );
         let sampled = match out {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "executor step failed; failing its requests");
-                let _ = self.sched.complete(self.now(), &StepResult::default());
-                for w in &plan.work {
-                    if let Some(a) = self.active.remove(&w.id) {
+                for id in self.sched.fail_step() {
+                    if let Some(a) = self.active.remove(&id) {
                         let _ = a.tx.send(Event::Failed(EngineError::Exec(e.to_string())));
                     }
-                    self.sched.cancel(w.id);
                 }
-                return;
+                return true;
             }
         };
         let now_i = Instant::now();
@@ -401,6 +442,7 @@ impl<E: Executor> Loop<E> {
             .inc_by(result.sampled.len() as u64);
         let ended = self.sched.complete(self.now(), &result);
         self.ended(ended);
+        true
     }
 
     fn ended(&mut self, ended: Vec<Ended>) {
@@ -409,7 +451,7 @@ impl<E: Executor> Loop<E> {
                 continue;
             };
             match e {
-                Ended::Finished { reason, .. } => {
+                Ended::Finished { reason, cached, .. } => {
                     self.metrics.observe_finish(reason, a.arrived.elapsed());
                     // The eog token is not part of the completion.
                     let mut completion = (a.tokens.len() - a.prompt_len) as u64;
@@ -418,7 +460,7 @@ impl<E: Executor> Loop<E> {
                     }
                     let usage = Usage {
                         prompt_tokens: a.prompt_len as u64,
-                        cached_tokens: 0,
+                        cached_tokens: cached.0,
                         completion_tokens: completion,
                     };
                     let _ = a.tx.send(Event::Finished { reason, usage });

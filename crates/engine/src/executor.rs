@@ -26,7 +26,7 @@ impl Default for SamplingParams {
 /// What an executor can hold; the engine sizes the scheduler from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecutorCapacity {
-    /// Concurrent sequences.
+    /// Sequence slots (running sequences plus prefix-cache entries).
     pub slots: u32,
     /// KV cells (tokens) across all sequences.
     pub kv_tokens: u64,
@@ -70,8 +70,14 @@ pub trait Executor {
     fn release(&mut self, slot: SeqSlot);
 
     /// Prepare a slot for a new sequence (called before its first batch entry, and again
-    /// after a preemption restarts it).
+    /// after a preemption restarts it): clear its KV, set up its sampler.
     fn begin(&mut self, slot: SeqSlot, params: &SamplingParams);
+
+    /// Make positions `0..tokens` of `from` part of `to` as well (prefix reuse).
+    fn copy_prefix(&mut self, from: SeqSlot, to: SeqSlot, tokens: u64);
+
+    /// Drop the KV of positions `from..` of a slot.
+    fn trim(&mut self, slot: SeqSlot, from: u64);
 
     /// Run one batch. Returns one [`Sampled`] per entry with `sample`, in entry order.
     fn run(&mut self, batch: &[BatchEntry<'_>]) -> Result<Vec<Sampled>, ExecError>;

@@ -30,7 +30,12 @@ pub struct EngineMetrics {
     pub(crate) e2e: Histogram,
     pub(crate) queue_time: Histogram,
     pub(crate) step_time: Histogram,
-    preempt_seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
+    evictions: IntCounter,
+    cached_seqs: IntGauge,
+    /// The scheduler's counters at the last publish, to turn them into increments.
+    last: std::sync::Arc<std::sync::Mutex<SchedStats>>,
 }
 
 impl EngineMetrics {
@@ -109,7 +114,23 @@ impl EngineMetrics {
                 "tokenfab_engine_step_seconds",
                 "Duration of one executor step.",
             ))?,
-            preempt_seen: Default::default(),
+            prefix_queries: IntCounter::with_opts(opts(
+                "vllm:prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+            ))?,
+            prefix_hits: IntCounter::with_opts(opts(
+                "vllm:prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (not recomputed).",
+            ))?,
+            evictions: IntCounter::with_opts(opts(
+                "tokenfab_engine_prefix_cache_evictions_total",
+                "Prefix-cache entries evicted to make room.",
+            ))?,
+            cached_seqs: IntGauge::with_opts(opts(
+                "tokenfab_engine_prefix_cache_entries",
+                "Finished sequences kept for their cached prefixes.",
+            ))?,
+            last: Default::default(),
         };
         registry.register(Box::new(m.running.clone()))?;
         registry.register(Box::new(m.waiting.clone()))?;
@@ -126,6 +147,10 @@ impl EngineMetrics {
         registry.register(Box::new(m.e2e.clone()))?;
         registry.register(Box::new(m.queue_time.clone()))?;
         registry.register(Box::new(m.step_time.clone()))?;
+        registry.register(Box::new(m.prefix_queries.clone()))?;
+        registry.register(Box::new(m.prefix_hits.clone()))?;
+        registry.register(Box::new(m.evictions.clone()))?;
+        registry.register(Box::new(m.cached_seqs.clone()))?;
         Ok(m)
     }
 
@@ -141,11 +166,24 @@ impl EngineMetrics {
         let total = f64::from(s.kv_blocks_total.max(1));
         self.kv_usage.set(f64::from(s.kv_blocks_used) / total);
         self.kv_blocks_total.set(i64::from(s.kv_blocks_total));
-        let seen = self
-            .preempt_seen
-            .swap(stats.preemptions, std::sync::atomic::Ordering::Relaxed);
-        self.preemptions
-            .inc_by(stats.preemptions.saturating_sub(seen));
+        self.cached_seqs.set(i64::from(s.cached_seqs));
+        if let Ok(mut last) = self.last.lock() {
+            self.preemptions
+                .inc_by(stats.preemptions.saturating_sub(last.preemptions));
+            self.prefix_queries.inc_by(
+                stats
+                    .prefix_query_tokens
+                    .saturating_sub(last.prefix_query_tokens),
+            );
+            self.prefix_hits.inc_by(
+                stats
+                    .prefix_hit_tokens
+                    .saturating_sub(last.prefix_hit_tokens),
+            );
+            self.evictions
+                .inc_by(stats.evictions.saturating_sub(last.evictions));
+            *last = stats.clone();
+        }
     }
 
     pub(crate) fn observe_finish(&self, reason: FinishReason, e2e: Duration) {

@@ -16,6 +16,9 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     pub sampling: SamplingParams,
     pub slo: Slo,
+    /// Prefix-cache scope: requests share cached prefixes only within one scope. `None`:
+    /// private to the tenant.
+    pub cache_scope: Option<String>,
 }
 
 /// Token accounting of a finished generation.

@@ -53,6 +53,7 @@ async fn health(State(s): State<AppState>) -> Response {
         "waiting": snap.waiting.iter().sum::<u32>(),
         "kv_blocks_used": snap.kv_blocks_used,
         "kv_blocks_total": snap.kv_blocks_total,
+        "cached_seqs": snap.cached_seqs,
     }))
     .into_response()
 }
@@ -120,6 +121,7 @@ async fn start(
         seed: spec.seed,
         sampling: spec.sampling.clone(),
         slo: Slo::default(),
+        cache_scope: None,
     })?;
     let mut out = TextOutput::new(
         generation,

@@ -15,7 +15,8 @@ use tokenfab_types::{SeqSlot, TokenId};
 pub struct LlamaExecutorConfig {
     /// KV cells shared by all sequences.
     pub kv_tokens: u32,
-    /// Concurrent sequences (llama.cpp `n_seq_max`).
+    /// Sequence slots (llama.cpp `n_seq_max`): running sequences plus prefix-cache
+    /// entries.
     pub slots: u32,
     /// Tokens per `llama_decode` call.
     pub batch_tokens: u32,
@@ -29,7 +30,7 @@ impl Default for LlamaExecutorConfig {
     fn default() -> Self {
         LlamaExecutorConfig {
             kv_tokens: 8192,
-            slots: 16,
+            slots: 64,
             batch_tokens: 512,
             ubatch_tokens: 256,
             threads: 0,
@@ -130,6 +131,18 @@ impl Executor for LlamaExecutor {
         }
     }
 
+    fn copy_prefix(&mut self, from: SeqSlot, to: SeqSlot, tokens: u64) {
+        let end = u32::try_from(tokens).unwrap_or(u32::MAX);
+        let _ = self
+            .ctx
+            .kv_cache_seq_cp(from.0 as i32, to.0 as i32, Some(0), Some(end));
+    }
+
+    fn trim(&mut self, slot: SeqSlot, from: u64) {
+        let start = u32::try_from(from).unwrap_or(u32::MAX);
+        let _ = self.ctx.clear_kv_cache_seq(Some(slot.0), Some(start), None);
+    }
+
     fn run(&mut self, batch: &[BatchEntry<'_>]) -> Result<Vec<Sampled>, ExecError> {
         self.batch.clear();
         let mut logit_rows = Vec::new();
@@ -149,7 +162,10 @@ impl Executor for LlamaExecutor {
         if self.batch.n_tokens() == 0 {
             return Ok(Vec::new());
         }
-        self.ctx.decode(&mut self.batch).map_err(|e| match e {
+        let t0 = std::time::Instant::now();
+        let decoded = self.ctx.decode(&mut self.batch);
+        let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
+        decoded.map_err(|e| match e {
             llama_cpp_2::DecodeError::NoKvCacheSlot => ExecError::NoKvSpace,
             other => ExecError::Failed(other.to_string()),
         })?;
@@ -167,6 +183,11 @@ impl Executor for LlamaExecutor {
                 eog: vocab.is_eog(t),
             });
         }
+        tracing::trace!(
+            decode_ms,
+            sample_ms = t0.elapsed().as_secs_f64() * 1e3 - decode_ms,
+            "llama step"
+        );
         Ok(out)
     }
 }

@@ -88,7 +88,7 @@ impl Scheduler {
                 )
             })
             .collect();
-        candidates.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        candidates.sort_by_key(|c| (c.0, c.1));
         for (_, _, w) in candidates {
             if len < u64::from(c.max_waiting) && tokens + req.prompt.0 <= c.max_waiting_tokens {
                 break;

@@ -8,15 +8,19 @@
 //! `Instant::now()`, it belongs in a driver instead.
 
 mod admit;
+mod cache;
 mod kv;
+mod plan;
 mod queue;
 mod request;
 mod scheduler;
 mod step;
+mod timing;
 
 pub use admit::Rejection;
-pub use kv::{BlockId, BlockPool};
+pub use kv::{prefix_hashes, BlockId, BlockPool};
 pub use queue::WaitQueue;
 pub use request::{Band, FinishReason, SchedRequest, Slo};
 pub use scheduler::{Ended, SchedConfig, SchedSnapshot, SchedStats, Scheduler};
-pub use step::{StepPlan, StepResult, Work};
+pub use step::{PrefixCopy, StepPlan, StepResult, Work};
+pub use timing::StepTimes;

@@ -135,6 +135,7 @@ mod tests {
             max_new: Tokens(10),
             arrival: Nanos(id),
             slo: Slo::default(),
+            block_hashes: vec![],
         }
     }
 

@@ -52,6 +52,9 @@ pub struct SchedRequest {
     pub max_new: Tokens,
     pub arrival: Nanos,
     pub slo: Slo,
+    /// Chain hashes of the prompt's full KV blocks in its cache scope
+    /// ([`crate::prefix_hashes`]); empty disables prefix reuse for this request.
+    pub block_hashes: Vec<u64>,
 }
 
 impl SchedRequest {

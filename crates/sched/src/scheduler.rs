@@ -1,18 +1,25 @@
-//! The scheduler state machine: admit → wait → run (chunked prefill, then decode) → end.
+//! The scheduler state machine: admit → wait → run (chunked prefill, then decode) → end,
+//! with finished prompts kept as prefix-cache entries until evicted. Planning lives in
+//! `plan.rs`, the prefix cache in `cache.rs`.
 
 use crate::admit::Rejection;
+use crate::cache::CachedSeq;
 use crate::kv::{BlockId, BlockPool};
-use crate::queue::{Fairness, WaitQueue, Waiting};
+use crate::queue::{Fairness, WaitQueue};
 use crate::request::{Band, FinishReason, SchedRequest};
 use crate::step::{StepPlan, StepResult, Work};
+use crate::timing::StepTimes;
 use tokenfab_types::{Nanos, RequestId, SeqSlot, TenantId, Tokens};
 
 /// Limits the scheduler plans within. The driver derives them from its executor (slots,
 /// KV size, context) and from configuration (budgets, queue bounds).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SchedConfig {
-    /// Concurrent sequences the executor can hold (llama.cpp `n_seq_max`).
+    /// Sequence slots of the executor (llama.cpp `n_seq_max`): running sequences plus
+    /// prefix-cache entries.
     pub slots: u32,
+    /// Sequences in the running batch at most.
+    pub max_running: u32,
     pub kv_blocks: u32,
     pub block_tokens: u32,
     /// Tokens one sequence may hold (prompt + generated): the model's context.
@@ -27,12 +34,17 @@ pub struct SchedConfig {
     /// Blocks kept free when admitting new sequences, so running decodes can grow
     /// without preempting straight away.
     pub watermark_blocks: u32,
+    /// Step time to aim for while sequences are decoding (their inter-token latency):
+    /// prefill chunks are sized from measured step times to fit it. `None`: always use
+    /// the whole token budget.
+    pub target_step: Option<Nanos>,
 }
 
 impl Default for SchedConfig {
     fn default() -> Self {
         SchedConfig {
-            slots: 16,
+            slots: 64,
+            max_running: 16,
             kv_blocks: 1024,
             block_tokens: 16,
             max_seq_tokens: 8192,
@@ -41,6 +53,7 @@ impl Default for SchedConfig {
             max_waiting: 256,
             max_waiting_tokens: 1 << 20,
             watermark_blocks: 4,
+            target_step: Some(Nanos::from_millis(250)),
         }
     }
 }
@@ -52,6 +65,9 @@ pub enum Ended {
         id: RequestId,
         reason: FinishReason,
         generated: Tokens,
+        /// Prompt tokens served from the prefix cache (in the last run, after any
+        /// preemption).
+        cached: Tokens,
     },
     /// Shed from the queue after admission to make room for a higher band.
     Shed { id: RequestId, retry_after: Nanos },
@@ -76,6 +92,11 @@ pub struct SchedStats {
     pub rejected: u64,
     pub shed: u64,
     pub finished: u64,
+    /// Prompt tokens looked up in the prefix cache, and those found.
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    /// Prefix-cache entries evicted.
+    pub evictions: u64,
 }
 
 /// Gauges: the state at this instant, for metrics and routing.
@@ -86,43 +107,52 @@ pub struct SchedSnapshot {
     pub waiting_tokens: u64,
     pub kv_blocks_used: u32,
     pub kv_blocks_total: u32,
+    /// Finished sequences kept for their prefixes.
+    pub cached_seqs: u32,
 }
 
 #[derive(Clone, Debug)]
-struct Running {
-    req: SchedRequest,
-    slot: SeqSlot,
-    blocks: Vec<BlockId>,
+pub(crate) struct Running {
+    pub req: SchedRequest,
+    pub slot: SeqSlot,
+    pub blocks: Vec<BlockId>,
     /// Tokens whose KV is computed.
-    computed: u64,
+    pub computed: u64,
     /// Prompt + generated tokens known to the driver.
-    known: u64,
-    generated: u64,
+    pub known: u64,
+    pub generated: u64,
+    /// Prompt tokens reused from the prefix cache in this run.
+    pub cached: u64,
     /// Prompt tokens already charged to the tenant's fairness counter (recomputation
-    /// after a preemption is not charged again).
-    charged_prompt: u64,
+    /// after a preemption and cache hits are not charged).
+    pub charged_prompt: u64,
 }
 
 impl Running {
-    fn remaining_prefill(&self) -> u64 {
+    pub fn remaining_prefill(&self) -> u64 {
         self.known - self.computed
     }
 }
 
 #[derive(Debug)]
 pub struct Scheduler {
-    cfg: SchedConfig,
-    queue: WaitQueue,
-    fair: Fairness,
-    running: Vec<Running>,
-    blocks: BlockPool,
-    free_slots: Vec<SeqSlot>,
-    release: Vec<SeqSlot>,
-    inflight: Vec<Work>,
-    stats: SchedStats,
-    /// Exponentially weighted tokens/s of steps, for TTFT prediction.
-    rate: Option<f64>,
+    pub(crate) cfg: SchedConfig,
+    pub(crate) queue: WaitQueue,
+    pub(crate) fair: Fairness,
+    pub(crate) running: Vec<Running>,
+    pub(crate) cached: Vec<CachedSeq>,
+    pub(crate) blocks: BlockPool,
+    pub(crate) free_slots: Vec<SeqSlot>,
+    /// KV operations owed to the executor, handed over with the next plan.
+    pub(crate) release: Vec<SeqSlot>,
+    pub(crate) trim: Vec<(SeqSlot, u64)>,
+    pub(crate) inflight: Vec<Work>,
+    pub(crate) stats: SchedStats,
+    /// Learned step times: sizes prefill chunks and predicts TTFT.
+    pub(crate) times: StepTimes,
     draining: bool,
+    /// The latest time passed in, for LRU order of cache entries.
+    pub(crate) now: Nanos,
 }
 
 impl Scheduler {
@@ -134,11 +164,14 @@ impl Scheduler {
             queue: WaitQueue::default(),
             fair: Fairness::default(),
             running: Vec::new(),
+            cached: Vec::new(),
             release: Vec::new(),
+            trim: Vec::new(),
             inflight: Vec::new(),
             stats: SchedStats::default(),
-            rate: None,
+            times: StepTimes::default(),
             draining: false,
+            now: Nanos::ZERO,
         }
     }
 
@@ -158,7 +191,7 @@ impl Scheduler {
         self.fair.counter(t)
     }
     pub(crate) fn prefill_tokens_per_sec(&self) -> Option<f64> {
-        self.rate
+        self.times.prefill_tokens_per_sec()
     }
     pub(crate) fn running_prefill_backlog(&self) -> u64 {
         self.running.iter().map(|r| r.remaining_prefill()).sum()
@@ -171,70 +204,20 @@ impl Scheduler {
             waiting_tokens: self.queue.tokens(),
             kv_blocks_used: self.blocks.used_count(),
             kv_blocks_total: self.blocks.total(),
+            cached_seqs: self.cached.len() as u32,
         }
     }
 
-    /// Nothing waiting, running or left to release.
+    /// Nothing waiting, running or owed to the executor. Prefix-cache entries may remain.
     pub fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.running.is_empty() && self.release.is_empty()
+        self.queue.is_empty()
+            && self.running.is_empty()
+            && self.release.is_empty()
+            && self.trim.is_empty()
     }
 
     pub fn is_known(&self, id: RequestId) -> bool {
         self.running.iter().any(|r| r.req.id == id) || self.queue.iter().any(|w| w.req.id == id)
-    }
-
-    /// Verify the internal invariants: every block is owned by exactly one running sequence
-    /// (refcount 1) or free; blocks cover each sequence's computed tokens; slots are
-    /// unique and either running or free. For property tests and debugging.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        let mut owned = vec![0u32; self.blocks.total() as usize];
-        for r in &self.running {
-            for b in &r.blocks {
-                owned[b.0 as usize] += 1;
-            }
-            let cover = r.blocks.len() as u64 * u64::from(self.blocks.block_tokens());
-            if cover < r.computed {
-                return Err(format!(
-                    "{:?}: {} blocks do not cover {} tokens",
-                    r.req.id,
-                    r.blocks.len(),
-                    r.computed
-                ));
-            }
-            if r.computed > r.known || r.generated > r.req.max_new.0 {
-                return Err(format!(
-                    "{:?}: computed {} known {} generated {}",
-                    r.req.id, r.computed, r.known, r.generated
-                ));
-            }
-        }
-        for (i, n) in owned.iter().enumerate() {
-            let refs = self.blocks.refcount(BlockId(i as u32));
-            if refs != *n {
-                return Err(format!("block {i}: refcount {refs} but {n} owners"));
-            }
-        }
-        if self.blocks.free_count() + self.blocks.used_count() != self.blocks.total() {
-            return Err("free + used != total".into());
-        }
-        let used_by_running: u32 = self.running.iter().map(|r| r.blocks.len() as u32).sum();
-        if used_by_running != self.blocks.used_count() {
-            return Err(format!(
-                "{used_by_running} blocks held by sequences, {} used",
-                self.blocks.used_count()
-            ));
-        }
-        let mut slots: Vec<u32> = self
-            .running
-            .iter()
-            .map(|r| r.slot.0)
-            .chain(self.free_slots.iter().map(|s| s.0))
-            .collect();
-        slots.sort_unstable();
-        if slots != (0..self.cfg.slots).collect::<Vec<_>>() {
-            return Err(format!("slots are not a partition: {slots:?}"));
-        }
-        Ok(())
     }
 
     /// Stop admitting; running and queued requests continue.
@@ -244,7 +227,8 @@ impl Scheduler {
 
     /// Admit a request into the queue, or reject it. On success, returns the requests of
     /// lower bands shed to make room.
-    pub fn admit(&mut self, _now: Nanos, req: SchedRequest) -> Result<Vec<Ended>, Rejection> {
+    pub fn admit(&mut self, now: Nanos, req: SchedRequest) -> Result<Vec<Ended>, Rejection> {
+        self.now = self.now.max(now);
         let result = self.try_admit(req);
         match &result {
             Ok(_) => self.stats.admitted += 1,
@@ -306,6 +290,7 @@ impl Scheduler {
                 id,
                 reason: FinishReason::Cancelled,
                 generated: w.generated,
+                cached: Tokens(0),
             });
         }
         let i = self.running.iter().position(|r| r.req.id == id)?;
@@ -314,201 +299,58 @@ impl Scheduler {
         Some(self.end_running(r, FinishReason::Cancelled))
     }
 
-    fn free_running(&mut self, r: &Running) {
+    /// The last planned step failed on the executor: its KV contents are unknown, so every
+    /// sequence in it ends (nothing of theirs enters the prefix cache).
+    pub fn fail_step(&mut self) -> Vec<RequestId> {
+        let work = std::mem::take(&mut self.inflight);
+        let mut failed = Vec::new();
+        for w in work {
+            if let Some(i) = self.running.iter().position(|r| r.req.id == w.id) {
+                let r = self.running.swap_remove(i);
+                self.free_running(&r);
+                self.stats.finished += 1;
+                failed.push(w.id);
+            }
+        }
+        failed
+    }
+
+    /// Give back a sequence's blocks and slot.
+    pub(crate) fn free_running(&mut self, r: &Running) {
         for b in &r.blocks {
-            self.blocks.release(*b);
+            self.blocks.release(*b, r.slot);
         }
         self.free_slots.push(r.slot);
         self.release.push(r.slot);
     }
 
     fn end_running(&mut self, r: Running, reason: FinishReason) -> Ended {
-        self.free_running(&r);
         self.stats.finished += 1;
-        Ended::Finished {
+        let ended = Ended::Finished {
             id: r.req.id,
             reason,
             generated: Tokens(r.generated),
-        }
+            cached: Tokens(r.cached),
+        };
+        self.retire(r);
+        ended
     }
 
-    /// Grow a running sequence's block table to hold `tokens` tokens.
-    fn reserve(&mut self, i: usize, tokens: u64) -> bool {
-        let need = self.blocks.blocks_for(tokens) as usize;
-        while self.running[i].blocks.len() < need {
-            match self.blocks.allocate() {
-                Some(b) => self.running[i].blocks.push(b),
-                None => return false,
-            }
-        }
-        true
-    }
-
-    /// The running sequence to preempt first: lowest band, then highest fairness counter,
-    /// then the most recent arrival.
-    fn victim(&self) -> Option<usize> {
-        (0..self.running.len()).max_by_key(|&i| {
-            let r = &self.running[i];
-            (r.req.band, self.fair.counter(&r.req.tenant), r.req.arrival)
-        })
-    }
-
-    /// Preempt by recomputation: free the sequence's KV and requeue it with what it has
-    /// generated so far, to be prefilled again.
-    fn preempt(&mut self, i: usize) {
-        let r = self.running.swap_remove(i);
-        self.free_running(&r);
-        self.stats.preemptions += 1;
-        self.queue.push(r.req, Tokens(r.generated));
-    }
-
-    /// Plan the next step. Decodes of running sequences first (one token each), then
-    /// prefill chunks of partially prefilled sequences, then new sequences from the queue,
-    /// all within one token budget. Preempts when KV runs out for decodes.
-    pub fn plan(&mut self, _now: Nanos) -> StepPlan {
-        debug_assert!(self.inflight.is_empty(), "plan while a step is in flight");
-        let mut budget = u64::from(self.cfg.max_step_tokens);
-        let mut work = Vec::new();
-
-        // 1. Decodes. Walk in admission order; when blocks run out, preempt the victim.
-        let mut i = 0;
-        while i < self.running.len() {
-            let r = &self.running[i];
-            let planned = work.iter().any(|w: &Work| w.id == r.req.id);
-            if planned || r.computed == 0 || r.remaining_prefill() != 1 || budget == 0 {
-                i += 1;
-                continue;
-            }
-            let tokens = r.computed + 1;
-            if self.reserve(i, tokens) {
-                let r = &self.running[i];
-                work.push(Work {
-                    id: r.req.id,
-                    slot: r.slot,
-                    pos: r.computed,
-                    n: 1,
-                    sample: true,
-                });
-                budget -= 1;
-                i += 1;
-                continue;
-            }
-            let Some(v) = self.victim() else { break };
-            let victim_id = self.running[v].req.id;
-            work.retain(|w: &Work| w.id != victim_id);
-            self.preempt(v);
-            // Indices shifted (swap_remove): restart the walk; planned ones are skipped.
-            budget = u64::from(self.cfg.max_step_tokens) - work.len() as u64;
-            i = 0;
-        }
-        let planned: Vec<RequestId> = work.iter().map(|w| w.id).collect();
-
-        // 2. Prefill chunks of running sequences, oldest first.
-        for i in 0..self.running.len() {
-            if budget == 0 {
-                break;
-            }
-            if planned.contains(&self.running[i].req.id) {
-                continue;
-            }
-            if let Some(w) = self.prefill_chunk(i, &mut budget) {
-                work.push(w);
-            }
-        }
-
-        // 3. New sequences, in policy order, while a slot, blocks and budget remain.
-        while budget > 0 && !self.free_slots.is_empty() {
-            let Some(next) = self.queue.peek(&self.fair) else {
-                break;
-            };
-            let known = next.req.prompt.0 + next.generated.0;
-            let need = self.blocks.blocks_for(known.min(budget)) + self.cfg.watermark_blocks;
-            if need > self.blocks.free_count() && !self.running.is_empty() {
-                break;
-            }
-            let id = next.req.id;
-            let Some(Waiting { req, generated, .. }) = self.queue.remove(id) else {
-                break;
-            };
-            let Some(slot) = self.free_slots.pop() else {
-                break;
-            };
-            self.running.push(Running {
-                charged_prompt: if generated.0 > 0 { req.prompt.0 } else { 0 },
-                req,
-                slot,
-                blocks: Vec::new(),
-                computed: 0,
-                known,
-                generated: generated.0,
-            });
-            let i = self.running.len() - 1;
-            match self.prefill_chunk(i, &mut budget) {
-                Some(w) => work.push(w),
-                None => {
-                    // Not even one block: put it back and stop admitting.
-                    let r = self.running.swap_remove(i);
-                    self.free_slots.push(r.slot);
-                    self.queue.push(r.req, Tokens(r.generated));
-                    break;
-                }
-            }
-        }
-
-        self.inflight.clone_from(&work);
-        if !work.is_empty() {
-            self.stats.steps += 1;
-        }
-        StepPlan {
-            release: std::mem::take(&mut self.release),
-            work,
-        }
-    }
-
-    fn prefill_chunk(&mut self, i: usize, budget: &mut u64) -> Option<Work> {
-        let r = &self.running[i];
-        let left = r.remaining_prefill();
-        if left == 0 {
-            return None;
-        }
-        let mut n = left.min(*budget).min(u64::from(self.cfg.max_prefill_chunk));
-        // Shrink to what the free blocks can hold.
-        let have = r.blocks.len() as u64 * u64::from(self.blocks.block_tokens());
-        let room =
-            have + u64::from(self.blocks.free_count()) * u64::from(self.blocks.block_tokens());
-        n = n.min(room.saturating_sub(r.computed));
-        if n == 0 {
-            return None;
-        }
-        let end = r.computed + n;
-        if !self.reserve(i, end) {
-            return None;
-        }
-        let r = &self.running[i];
-        *budget -= n;
-        Some(Work {
-            id: r.req.id,
-            slot: r.slot,
-            pos: r.computed,
-            n: n as u32,
-            sample: end == r.known,
-        })
-    }
-
-    /// Apply the result of the last planned step: advance sequences, end those that
-    /// finished. Returns the requests that ended.
-    pub fn complete(&mut self, _now: Nanos, result: &StepResult) -> Vec<Ended> {
+    /// Apply the result of the last planned step: advance sequences, index newly computed
+    /// prompt blocks, end those that finished. Returns the requests that ended.
+    pub fn complete(&mut self, now: Nanos, result: &StepResult) -> Vec<Ended> {
+        self.now = self.now.max(now);
         let work = std::mem::take(&mut self.inflight);
-        let tokens: u64 = work.iter().map(|w| u64::from(w.n)).sum();
-        if result.elapsed.0 > 0 && tokens > 0 {
-            let r = tokens as f64 / result.elapsed.as_secs_f64();
-            self.rate = Some(match self.rate {
-                Some(old) => 0.8 * old + 0.2 * r,
-                None => r,
-            });
-        }
+        let decodes = work.iter().filter(|w| w.is_decode()).count();
+        let prefill: u64 = work
+            .iter()
+            .filter(|w| !w.is_decode())
+            .map(|w| u64::from(w.n))
+            .sum();
+        self.times.observe(decodes, prefill, result.elapsed);
         let mut sampled = result.sampled.iter();
         let mut ended = Vec::new();
+        let bt = u64::from(self.blocks.block_tokens());
         for w in &work {
             let eog = if w.sample {
                 sampled
@@ -523,6 +365,11 @@ impl Scheduler {
             };
             let r = &mut self.running[i];
             r.computed += u64::from(w.n);
+            // Index prompt blocks that are now fully computed.
+            let full = ((r.computed / bt) as usize).min(r.req.block_hashes.len());
+            for k in (w.pos / bt) as usize..full {
+                self.blocks.register(r.blocks[k], r.req.block_hashes[k]);
+            }
             let new_prompt = r
                 .req
                 .prompt
@@ -555,5 +402,73 @@ impl Scheduler {
             }
         }
         ended
+    }
+
+    /// Verify the internal invariants: every block's holders are exactly the slots whose
+    /// sequences (running or cached) include it; blocks cover each sequence's computed
+    /// tokens; slots are partitioned into running, cached and free. For property tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut expect: Vec<Vec<SeqSlot>> = vec![Vec::new(); self.blocks.total() as usize];
+        for r in &self.running {
+            for b in &r.blocks {
+                expect[b.0 as usize].push(r.slot);
+            }
+            let cover = r.blocks.len() as u64 * u64::from(self.blocks.block_tokens());
+            if cover < r.computed {
+                return Err(format!(
+                    "{:?}: {} blocks do not cover {} tokens",
+                    r.req.id,
+                    r.blocks.len(),
+                    r.computed
+                ));
+            }
+            if r.computed > r.known || r.generated > r.req.max_new.0 {
+                return Err(format!(
+                    "{:?}: computed {} known {} generated {}",
+                    r.req.id, r.computed, r.known, r.generated
+                ));
+            }
+        }
+        for c in &self.cached {
+            for b in &c.blocks {
+                expect[b.0 as usize].push(c.slot);
+            }
+        }
+        for (i, want) in expect.iter_mut().enumerate() {
+            let mut have = self.blocks.holders(BlockId(i as u32)).to_vec();
+            have.sort_unstable();
+            want.sort_unstable();
+            if have != *want {
+                return Err(format!("block {i}: holders {have:?}, owners {want:?}"));
+            }
+        }
+        let used = expect.iter().filter(|h| !h.is_empty()).count() as u32;
+        if used != self.blocks.used_count() {
+            return Err(format!(
+                "{used} blocks held, {} used",
+                self.blocks.used_count()
+            ));
+        }
+        let mut slots: Vec<u32> = self
+            .running
+            .iter()
+            .map(|r| r.slot.0)
+            .chain(self.cached.iter().map(|c| c.slot.0))
+            .chain(self.free_slots.iter().map(|s| s.0))
+            .collect();
+        slots.sort_unstable();
+        if slots != (0..self.cfg.slots).collect::<Vec<_>>() {
+            return Err(format!("slots are not a partition: {slots:?}"));
+        }
+        Ok(())
+    }
+
+    /// Hand the owed KV operations to a plan.
+    pub(crate) fn owed(&mut self) -> StepPlan {
+        StepPlan {
+            release: std::mem::take(&mut self.release),
+            trim: std::mem::take(&mut self.trim),
+            ..StepPlan::default()
+        }
     }
 }

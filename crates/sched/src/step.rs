@@ -22,19 +22,36 @@ impl Work {
     }
 }
 
-/// Everything the executor does in one step, in order: clear the KV of released slots,
-/// then run all `work` as one batch.
+/// Copy the first `tokens` positions of the sequence in `from` into `to` (prefix reuse; on
+/// a unified KV cache the cells are shared, not duplicated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixCopy {
+    pub from: SeqSlot,
+    pub to: SeqSlot,
+    pub tokens: u64,
+}
+
+/// Everything the executor does in one step, in this order:
+/// 1. `release`: clear the KV of these slots (ended, preempted or evicted sequences);
+/// 2. `trim`: drop positions from `.1` on of these slots (a finished sequence kept as a
+///    prefix-cache entry keeps only its indexed blocks);
+/// 3. `start`: prepare these slots for new sequences (clear, set up sampling);
+/// 4. `copies`: share cached prefixes into started slots;
+/// 5. `work`: run as one batch.
+///
+/// A slot used as a copy source is never released, trimmed or started in the same plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StepPlan {
-    /// Slots whose KV cells must be cleared before the batch (finished, cancelled or
-    /// preempted sequences since the last plan).
     pub release: Vec<SeqSlot>,
+    pub trim: Vec<(SeqSlot, u64)>,
+    pub start: Vec<(RequestId, SeqSlot)>,
+    pub copies: Vec<PrefixCopy>,
     pub work: Vec<Work>,
 }
 
 impl StepPlan {
     pub fn is_empty(&self) -> bool {
-        self.work.is_empty() && self.release.is_empty()
+        self.work.is_empty() && self.release.is_empty() && self.trim.is_empty()
     }
 
     pub fn tokens(&self) -> u64 {

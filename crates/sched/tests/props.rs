@@ -4,8 +4,10 @@
 
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
-use tokenfab_sched::{Band, Ended, SchedConfig, SchedRequest, Scheduler, Slo, StepResult};
-use tokenfab_types::{Nanos, RequestId, TenantId, Tokens};
+use tokenfab_sched::{
+    prefix_hashes, Band, Ended, SchedConfig, SchedRequest, Scheduler, Slo, StepPlan, StepResult,
+};
+use tokenfab_types::{Nanos, RequestId, SeqSlot, TenantId, TokenId, Tokens};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -14,6 +16,7 @@ enum Op {
         band: u8,
         prompt: u16,
         max_new: u8,
+        group: u8,
     },
     Step {
         eog_mask: u32,
@@ -25,7 +28,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0u8..3, 0u8..3, 1u16..400, 1u8..40).prop_map(|(tenant, band, prompt, max_new)| Op::Arrive { tenant, band, prompt, max_new }),
+        3 => (0u8..3, 0u8..3, 1u16..400, 1u8..40, 0u8..3).prop_map(|(tenant, band, prompt, max_new, group)| Op::Arrive { tenant, band, prompt, max_new, group }),
         6 => any::<u32>().prop_map(|eog_mask| Op::Step { eog_mask }),
         1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
     ]
@@ -33,7 +36,8 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn config() -> SchedConfig {
     SchedConfig {
-        slots: 4,
+        slots: 8,
+        max_running: 4,
         kv_blocks: 48,
         block_tokens: 16,
         max_seq_tokens: 700,
@@ -42,6 +46,7 @@ fn config() -> SchedConfig {
         max_waiting: 6,
         max_waiting_tokens: 1500,
         watermark_blocks: 2,
+        target_step: Some(Nanos::from_millis(20)),
     }
 }
 
@@ -52,6 +57,9 @@ struct Harness {
     live: BTreeSet<RequestId>,
     ended: BTreeMap<RequestId, u32>,
     tenant_of: BTreeMap<RequestId, String>,
+    /// A model of the executor's KV: tokens held per slot, and the tenant whose data it is.
+    cells: BTreeMap<SeqSlot, (u64, String)>,
+    hits: u64,
 }
 
 impl Harness {
@@ -63,6 +71,8 @@ impl Harness {
             live: BTreeSet::new(),
             ended: BTreeMap::new(),
             tenant_of: BTreeMap::new(),
+            cells: BTreeMap::new(),
+            hits: 0,
         }
     }
 
@@ -72,7 +82,26 @@ impl Harness {
     }
 
     fn arrive(&mut self, tenant: &str, band: Band, prompt: u64, max_new: u64) {
+        self.arrive_grouped(tenant, band, prompt, max_new, None);
+    }
+
+    /// Prompts of a group share their first 100 tokens; the rest is unique.
+    fn arrive_grouped(
+        &mut self,
+        tenant: &str,
+        band: Band,
+        prompt: u64,
+        max_new: u64,
+        group: Option<u8>,
+    ) {
         let id = RequestId(self.next);
+        let tokens: Vec<TokenId> = (0..prompt)
+            .map(|k| match group {
+                Some(g) if k < 100 => TokenId(i32::from(g) * 1000 + k as i32),
+                _ => TokenId(-(self.next as i32) * 1000 - k as i32),
+            })
+            .collect();
+        let block_hashes = prefix_hashes(tenant, &tokens, 16);
         self.next += 1;
         self.tenant_of.insert(id, tenant.to_owned());
         let req = SchedRequest {
@@ -84,6 +113,7 @@ impl Harness {
             max_new: Tokens(max_new),
             arrival: Nanos(self.now),
             slo: Slo::default(),
+            block_hashes,
         };
         match self.s.admit(Nanos(self.now), req) {
             Ok(shed) => {
@@ -98,10 +128,58 @@ impl Harness {
         }
     }
 
+    /// Apply a plan's KV operations to the executor model, checking they are executable
+    /// in order and never move one tenant's cells to another.
+    fn execute_kv(&mut self, plan: &StepPlan) {
+        for s in &plan.release {
+            self.cells.remove(s);
+        }
+        for (s, from) in &plan.trim {
+            let c = self.cells.get_mut(s).expect("trim of an empty slot");
+            c.0 = c.0.min(*from);
+        }
+        for (id, s) in &plan.start {
+            self.cells.insert(*s, (0, self.tenant_of[id].clone()));
+        }
+        for c in &plan.copies {
+            let (held, owner) = self
+                .cells
+                .get(&c.from)
+                .cloned()
+                .expect("copy from an empty slot");
+            assert!(
+                held >= c.tokens,
+                "copy of {} tokens from a slot holding {held}",
+                c.tokens
+            );
+            let dst = self
+                .cells
+                .get_mut(&c.to)
+                .expect("copy into an unstarted slot");
+            assert_eq!(dst.1, owner, "prefix copied across tenants");
+            assert_eq!(dst.0, 0);
+            dst.0 = c.tokens;
+            self.hits += c.tokens;
+        }
+        for w in &plan.work {
+            let c = self
+                .cells
+                .get_mut(&w.slot)
+                .expect("work on an unstarted slot");
+            assert_eq!(
+                c.0, w.pos,
+                "{:?} at {} but the slot holds {}",
+                w.id, w.pos, c.0
+            );
+            c.0 += u64::from(w.n);
+        }
+    }
+
     /// One step; returns (request, tokens computed in this step) per work item.
     fn step(&mut self, eog_mask: u32) -> Vec<(RequestId, u64, bool)> {
         self.now += 1_000_000;
         let plan = self.s.plan(Nanos(self.now));
+        self.execute_kv(&plan);
         let sampled: Vec<_> = plan
             .work
             .iter()
@@ -114,13 +192,13 @@ impl Harness {
             .iter()
             .map(|w| (w.id, u64::from(w.n), w.is_decode()))
             .collect();
-        let ended = self.s.complete(
-            Nanos(self.now),
-            &StepResult {
-                sampled,
-                elapsed: Nanos(1_000_000),
-            },
-        );
+        // A toy step-time model: 2 ms + 1 ms per decode + 0.25 ms per prefill token.
+        let decodes = plan.work.iter().filter(|w| w.is_decode()).count() as u64;
+        let prefill = plan.tokens() - decodes;
+        let elapsed = Nanos(2_000_000 + decodes * 1_000_000 + prefill * 250_000);
+        let ended = self
+            .s
+            .complete(Nanos(self.now), &StepResult { sampled, elapsed });
         for e in &ended {
             self.end(e);
         }
@@ -138,13 +216,19 @@ proptest! {
     })]
 
     #[test]
-    fn no_leaks_and_every_request_ends_once(ops in prop::collection::vec(op(), 1..200)) {
-        let mut h = Harness::new(config());
+    fn no_leaks_and_every_request_ends_once(ops in prop::collection::vec(op(), 1..200), tight in any::<bool>()) {
+        let mut cfg = config();
+        if tight {
+            // No spare slots for cache entries: they must yield to new sequences.
+            cfg.slots = 2;
+            cfg.max_running = 2;
+        }
+        let mut h = Harness::new(cfg);
         let total = h.s.blocks().total();
         for op in ops {
             match op {
-                Op::Arrive { tenant, band, prompt, max_new } => {
-                    h.arrive(&format!("t{tenant}"), Band::ALL[band as usize], u64::from(prompt), u64::from(max_new));
+                Op::Arrive { tenant, band, prompt, max_new, group } => {
+                    h.arrive_grouped(&format!("t{tenant}"), Band::ALL[band as usize], u64::from(prompt), u64::from(max_new), Some(group));
                 }
                 Op::Step { eog_mask } => { h.step(eog_mask); }
                 Op::Cancel { pick } => {
@@ -169,6 +253,11 @@ proptest! {
         prop_assert!(h.live.is_empty(), "requests never ended: {:?}", h.live);
         prop_assert!(h.ended.values().all(|n| *n == 1), "a request ended twice");
         prop_assert_eq!(h.ended.len() as u64, h.next - 1);
+        // Prefix-cache entries may hold blocks; evicting them all must free everything.
+        let cached_blocks = h.s.blocks().used_count();
+        prop_assert!(cached_blocks == 0 || h.s.snapshot().cached_seqs > 0);
+        h.s.clear_cache();
+        prop_assert_eq!(h.s.check_invariants(), Ok(()));
         prop_assert_eq!(h.s.blocks().free_count(), total);
     }
 
@@ -206,4 +295,29 @@ proptest! {
             prop_assert!(a <= 2 * b && b <= 2 * a, "unfair window: a={} b={}", a, b);
         }
     }
+}
+
+#[test]
+fn shared_prefix_is_reused_within_a_tenant_only() {
+    let mut h = Harness::new(config());
+    // Request 1 computes a 100-token group prefix for tenant a and finishes.
+    h.arrive_grouped("a", Band::Standard, 150, 1, Some(7));
+    while !h.s.is_idle() {
+        h.step(0);
+    }
+    assert_eq!(h.hits, 0);
+    // The same prefix from another tenant: no reuse.
+    h.arrive_grouped("b", Band::Standard, 150, 1, Some(7));
+    while !h.s.is_idle() {
+        h.step(0);
+    }
+    assert_eq!(h.hits, 0, "a prefix crossed tenants");
+    // The same prefix from tenant a again: its 6 full shared blocks (96 tokens) are reused.
+    h.arrive_grouped("a", Band::Standard, 150, 1, Some(7));
+    while !h.s.is_idle() {
+        h.step(0);
+    }
+    assert_eq!(h.hits, 96);
+    assert_eq!(h.s.stats().prefix_hit_tokens, 96);
+    assert_eq!(h.s.check_invariants(), Ok(()));
 }

@@ -1,0 +1,124 @@
+//! The prefix cache: finished sequences keep their indexed prompt blocks (and their
+//! executor slot, which holds those KV cells) until evicted, least recently used first.
+
+use crate::kv::BlockId;
+use crate::scheduler::{Running, Scheduler};
+use tokenfab_types::{Nanos, SeqSlot};
+
+#[derive(Clone, Debug)]
+pub(crate) struct CachedSeq {
+    pub slot: SeqSlot,
+    pub blocks: Vec<BlockId>,
+    pub last_used: Nanos,
+}
+
+impl Scheduler {
+    /// A sequence has ended: keep its indexed prefix as a cache entry when that adds
+    /// blocks nobody else holds; otherwise give everything back.
+    pub(crate) fn retire(&mut self, r: Running) {
+        let keep = r
+            .blocks
+            .iter()
+            .take_while(|b| self.blocks.is_indexed(**b))
+            .count();
+        let adds = r.blocks[..keep]
+            .iter()
+            .any(|b| self.blocks.refcount(*b) == 1);
+        if keep == 0 || !adds {
+            self.free_running(&r);
+            return;
+        }
+        for b in &r.blocks[keep..] {
+            self.blocks.release(*b, r.slot);
+        }
+        let tokens = keep as u64 * u64::from(self.blocks.block_tokens());
+        if r.computed > tokens {
+            self.trim.push((r.slot, tokens));
+        }
+        self.cached.push(CachedSeq {
+            slot: r.slot,
+            blocks: r.blocks[..keep].to_vec(),
+            last_used: self.now,
+        });
+    }
+
+    /// Evict the least recently used cache entry whose slot is not in `pinned`. Returns
+    /// false when there is none.
+    pub(crate) fn evict_one(&mut self, pinned: &[SeqSlot]) -> bool {
+        let Some(i) = self
+            .cached
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !pinned.contains(&c.slot))
+            .min_by_key(|(_, c)| (c.last_used, c.slot))
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        let c = self.cached.swap_remove(i);
+        for b in &c.blocks {
+            self.blocks.release(*b, c.slot);
+        }
+        self.trim.retain(|(s, _)| *s != c.slot);
+        self.free_slots.push(c.slot);
+        self.release.push(c.slot);
+        self.stats.evictions += 1;
+        true
+    }
+
+    /// Evict until `n` blocks are free (or nothing evictable is left).
+    pub(crate) fn ensure_free(&mut self, n: u32, pinned: &[SeqSlot]) -> bool {
+        while self.blocks.free_count() < n {
+            if !self.evict_one(pinned) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The cached prefix of a prompt: matched blocks (at most `limit_tokens` worth) and a
+    /// slot holding all of them, to copy from.
+    pub(crate) fn match_prefix(
+        &self,
+        hashes: &[u64],
+        limit_tokens: u64,
+    ) -> Option<(Vec<BlockId>, SeqSlot)> {
+        let bt = u64::from(self.blocks.block_tokens());
+        let mut found = self.blocks.lookup(hashes);
+        found.truncate((limit_tokens / bt) as usize);
+        let k = found.len();
+        let last = *found.last()?;
+        // Any holder of the last matched block holds the whole prefix (chain hashes), though
+        // not necessarily the same block ids for earlier blocks when two sequences computed
+        // the prefix at once. Share the source's own blocks: they stay held while the
+        // source is pinned.
+        let source = *self.blocks.holders(last).first()?;
+        let table = self
+            .running
+            .iter()
+            .find(|r| r.slot == source)
+            .map(|r| &r.blocks)
+            .or_else(|| {
+                self.cached
+                    .iter()
+                    .find(|c| c.slot == source)
+                    .map(|c| &c.blocks)
+            })?;
+        Some((table.get(..k)?.to_vec(), source))
+    }
+
+    /// Mark a cache entry as just used.
+    pub(crate) fn touch(&mut self, slot: SeqSlot) {
+        let now = self.now;
+        if let Some(c) = self.cached.iter_mut().find(|c| c.slot == slot) {
+            c.last_used = now;
+        }
+    }
+}
+
+impl Scheduler {
+    /// Evict every cache entry (their slots are released with the next plan).
+    pub fn clear_cache(&mut self) {
+        while self.evict_one(&[]) {}
+    }
+}

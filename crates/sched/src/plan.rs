@@ -1,0 +1,298 @@
+//! The step planner: one token budget per step; decodes of running sequences first,
+//! then prefill chunks of partially prefilled ones, then new sequences from the queue
+//! (reusing cached prefixes). Preempts by recomputation when KV runs out.
+
+use crate::kv::BlockId;
+use crate::queue::Waiting;
+use crate::scheduler::{Running, Scheduler};
+use crate::step::{PrefixCopy, StepPlan, Work};
+use tokenfab_types::{Nanos, RequestId, SeqSlot, Tokens};
+
+impl Scheduler {
+    /// A free slot and `blocks` free blocks, evicting cache entries not in `keep`.
+    fn make_room(&mut self, blocks: u32, keep: &[SeqSlot]) -> bool {
+        if self.free_slots.is_empty() && !self.evict_one(keep) {
+            return false;
+        }
+        self.ensure_free(blocks, keep)
+    }
+
+    /// Grow a running sequence's block table to hold `tokens` tokens, evicting cache
+    /// entries (never those in `pinned`) when the pool is short.
+    fn reserve(&mut self, i: usize, tokens: u64, pinned: &[SeqSlot]) -> bool {
+        let need = self.blocks.blocks_for(tokens) as usize;
+        let missing = need.saturating_sub(self.running[i].blocks.len()) as u32;
+        self.ensure_free(missing, pinned);
+        let slot = self.running[i].slot;
+        while self.running[i].blocks.len() < need {
+            match self.blocks.allocate(slot) {
+                Some(b) => self.running[i].blocks.push(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// The running sequence to preempt first: lowest band, then highest fairness counter,
+    /// then the most recent arrival.
+    fn victim(&self) -> Option<usize> {
+        (0..self.running.len()).max_by_key(|&i| {
+            let r = &self.running[i];
+            (r.req.band, self.fair.counter(&r.req.tenant), r.req.arrival)
+        })
+    }
+
+    /// Preempt by recomputation: free the sequence's KV and requeue it with what it has
+    /// generated so far, to be prefilled again.
+    fn preempt(&mut self, i: usize) {
+        let r = self.running.swap_remove(i);
+        self.free_running(&r);
+        self.stats.preemptions += 1;
+        self.queue.push(r.req, Tokens(r.generated));
+    }
+
+    /// Plan the next step.
+    pub fn plan(&mut self, now: Nanos) -> StepPlan {
+        debug_assert!(self.inflight.is_empty(), "plan while a step is in flight");
+        self.now = self.now.max(now);
+        let max_budget = u64::from(self.cfg.max_step_tokens);
+        let mut budget = max_budget;
+        let mut work: Vec<Work> = Vec::new();
+
+        // 1. Decodes, in admission order. When KV runs out: evict cache entries, then
+        //    preempt the victim.
+        let mut i = 0;
+        while i < self.running.len() {
+            let r = &self.running[i];
+            let planned = work.iter().any(|w| w.id == r.req.id);
+            if planned || r.computed == 0 || r.remaining_prefill() != 1 || budget == 0 {
+                i += 1;
+                continue;
+            }
+            let tokens = r.computed + 1;
+            if self.reserve(i, tokens, &[]) {
+                let r = &self.running[i];
+                work.push(Work {
+                    id: r.req.id,
+                    slot: r.slot,
+                    pos: r.computed,
+                    n: 1,
+                    sample: true,
+                });
+                budget -= 1;
+                i += 1;
+                continue;
+            }
+            let Some(v) = self.victim() else { break };
+            let victim_id = self.running[v].req.id;
+            work.retain(|w| w.id != victim_id);
+            self.preempt(v);
+            // Indices shifted (swap_remove): restart the walk; planned ones are skipped.
+            budget = max_budget - work.len() as u64;
+            i = 0;
+        }
+
+        // While sequences are decoding, size the prefill budget from measured step times
+        // so that their next token still comes within the target step time.
+        let decodes = work.len();
+        if let (true, Some(target)) = (decodes > 0, self.cfg.target_step) {
+            if let Some(p) = self.times.prefill_budget(decodes, target) {
+                let floor = u64::from(self.blocks.block_tokens());
+                budget = budget.min(p.max(floor));
+            }
+        }
+
+        // 2. New sequences whose whole (uncached) prompt fits the budget: short requests
+        //    get their first token without waiting behind a long prefill.
+        let mut adm = Admission::default();
+        self.admit_from_queue(&mut budget, &mut work, &mut adm, true);
+
+        // 3. Prefill chunks of running sequences, oldest first.
+        for i in 0..self.running.len() {
+            if budget == 0 {
+                break;
+            }
+            if work.iter().any(|w| w.id == self.running[i].req.id) {
+                continue;
+            }
+            if let Some(w) = self.prefill_chunk(i, &mut budget, &adm.pinned) {
+                work.push(w);
+            }
+        }
+
+        // 4. Further new sequences, chunked, while budget, places, slots and blocks remain.
+        self.admit_from_queue(&mut budget, &mut work, &mut adm, false);
+
+        // Sequences hold blocks but none can advance (all prefilling, pool exhausted):
+        // preempt one so the others make progress, and plan again.
+        if work.is_empty() && !self.running.is_empty() && adm.start.is_empty() {
+            if let Some(v) = self.victim() {
+                self.preempt(v);
+                return self.plan(now);
+            }
+        }
+
+        self.inflight.clone_from(&work);
+        if !work.is_empty() {
+            self.stats.steps += 1;
+        }
+        let mut plan = self.owed();
+        plan.start = adm.start;
+        plan.copies = adm.copies;
+        plan.work = work;
+        plan
+    }
+
+    /// Move requests from the queue into the running batch, in policy order, sharing
+    /// cached prefixes. With `only_whole`, stop at the first request whose uncached prompt
+    /// does not fit the remaining budget in one piece.
+    fn admit_from_queue(
+        &mut self,
+        budget: &mut u64,
+        work: &mut Vec<Work>,
+        adm: &mut Admission,
+        only_whole: bool,
+    ) {
+        while *budget > 0 && (self.running.len() as u32) < self.cfg.max_running {
+            let Some(next) = self.queue.peek(&self.fair) else {
+                break;
+            };
+            let (id, known) = (next.req.id, next.req.prompt.0 + next.generated.0);
+            // At least the last prompt token is computed, for the first token's logits.
+            let mut hit = self.match_prefix(&next.req.block_hashes, known - 1);
+            let reused_of = |hit: &Option<(Vec<BlockId>, SeqSlot)>, bt: u32| {
+                hit.as_ref().map_or(0, |(b, _)| b.len() as u64) * u64::from(bt)
+            };
+            let bt = self.blocks.block_tokens();
+            if only_whole && known - reused_of(&hit, bt) > *budget {
+                break;
+            }
+            let mut keep: Vec<SeqSlot> = adm.pinned.clone();
+            keep.extend(hit.as_ref().map(|(_, s)| *s));
+            let need = |reused: u64| {
+                let first = (known - reused).min(*budget);
+                self.blocks.blocks_for(reused + first) - self.blocks.blocks_for(reused)
+                    + self.cfg.watermark_blocks
+            };
+            let need_hit = need(reused_of(&hit, bt));
+            let need_cold = need(0);
+            let mut room = self.make_room(need_hit, &keep);
+            if !room && hit.is_some() {
+                // The cached source itself is in the way: recompute instead of reusing.
+                hit = None;
+                room = self.make_room(need_cold, &adm.pinned);
+            }
+            if self.free_slots.is_empty() || (!room && !self.running.is_empty()) {
+                break;
+            }
+            let reused = reused_of(&hit, bt);
+            let (Some(Waiting { req, generated, .. }), Some(slot)) =
+                (self.queue.remove(id), self.free_slots.pop())
+            else {
+                break;
+            };
+            let mut blocks = Vec::new();
+            if let Some((matched, src)) = hit {
+                for b in &matched {
+                    self.blocks.share(*b, slot);
+                }
+                blocks = matched;
+                adm.copies.push(PrefixCopy {
+                    from: src,
+                    to: slot,
+                    tokens: reused,
+                });
+                self.touch(src);
+                adm.pinned.push(src);
+            }
+            self.stats.prefix_query_tokens += req.prompt.0;
+            self.stats.prefix_hit_tokens += reused;
+            adm.start.push((id, slot));
+            self.running.push(Running {
+                charged_prompt: if generated.0 > 0 {
+                    req.prompt.0
+                } else {
+                    reused
+                },
+                req,
+                slot,
+                blocks,
+                computed: reused,
+                known,
+                generated: generated.0,
+                cached: reused,
+            });
+            let i = self.running.len() - 1;
+            match self.prefill_chunk(i, budget, &adm.pinned) {
+                Some(w) => work.push(w),
+                None => {
+                    // Not even one block: put it back and stop admitting.
+                    adm.start.pop();
+                    if reused > 0 {
+                        adm.copies.pop();
+                    }
+                    let r = self.running.swap_remove(i);
+                    for b in &r.blocks {
+                        self.blocks.release(*b, r.slot);
+                    }
+                    self.free_slots.push(r.slot);
+                    self.queue.push(r.req, Tokens(r.generated));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// What admissions in one plan have decided so far.
+#[derive(Default)]
+struct Admission {
+    start: Vec<(RequestId, SeqSlot)>,
+    copies: Vec<PrefixCopy>,
+    /// Copy sources: never evicted within this plan.
+    pinned: Vec<SeqSlot>,
+}
+
+impl Scheduler {
+    fn prefill_chunk(&mut self, i: usize, budget: &mut u64, pinned: &[SeqSlot]) -> Option<Work> {
+        let r = &self.running[i];
+        let left = r.remaining_prefill();
+        if left == 0 {
+            return None;
+        }
+        let bt = u64::from(self.blocks.block_tokens());
+        let mut n = left.min(*budget).min(u64::from(self.cfg.max_prefill_chunk));
+        // The tail after the last full block before the final token is always its own
+        // piece. A repeat of this prompt reuses exactly those blocks and computes the same
+        // tail in the same shape, so a cache hit on a repeat is bit-identical to this run.
+        let boundary = (r.known - 1) / bt * bt;
+        if r.computed < boundary {
+            n = n.min(boundary - r.computed);
+        }
+        let missing = self
+            .blocks
+            .blocks_for(r.computed + n)
+            .saturating_sub(r.blocks.len() as u32);
+        self.ensure_free(missing, pinned);
+        // Shrink to what the free blocks can hold.
+        let r = &self.running[i];
+        let room = (r.blocks.len() as u64 + u64::from(self.blocks.free_count())) * bt;
+        n = n.min(room.saturating_sub(r.computed));
+        if n == 0 {
+            return None;
+        }
+        let end = r.computed + n;
+        if !self.reserve(i, end, pinned) {
+            return None;
+        }
+        let r = &self.running[i];
+        *budget -= n;
+        Some(Work {
+            id: r.req.id,
+            slot: r.slot,
+            pos: r.computed,
+            n: n as u32,
+            sample: end == r.known,
+        })
+    }
+}
