@@ -259,14 +259,7 @@ async fn client_disconnect_cancels_and_frees_kv() {
 #[tokio::test(flavor = "multi_thread")]
 async fn models_health_and_metrics() {
     let url = serve(config()).await;
-    let v: serde_json::Value = client()
-        .get(format!("{url}/v1/models"))
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let v = get_json(&url, "/v1/models").await;
     assert_eq!(v["data"][0]["id"], MODEL);
     assert_eq!(health(&url).await["status"], "ok");
     for name in [

@@ -63,13 +63,17 @@ pub fn chat_body(content: &str, extra: serde_json::Value) -> serde_json::Value {
     body
 }
 
-pub async fn post(url: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-    let r = client()
+async fn send(url: &str, path: &str, body: &serde_json::Value) -> reqwest::Response {
+    client()
         .post(format!("{url}{path}"))
         .json(body)
         .send()
         .await
-        .expect("send");
+        .expect("send")
+}
+
+pub async fn post(url: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = send(url, path, body).await;
     let status = r.status().as_u16();
     let v = r.json().await.unwrap_or(serde_json::Value::Null);
     (status, v)
@@ -77,12 +81,7 @@ pub async fn post(url: &str, path: &str, body: &serde_json::Value) -> (u16, serd
 
 /// A streamed response's `data:` payloads, in order (including `[DONE]`).
 pub async fn stream_events(url: &str, path: &str, body: &serde_json::Value) -> Vec<String> {
-    let r = client()
-        .post(format!("{url}{path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("send");
+    let r = send(url, path, body).await;
     assert_eq!(r.status().as_u16(), 200, "stream status");
     let text = r.text().await.expect("body");
     text.lines()
@@ -108,13 +107,17 @@ pub async fn metric(url: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} missing from /metrics"))
 }
 
-pub async fn health(url: &str) -> serde_json::Value {
+pub async fn get_json(url: &str, path: &str) -> serde_json::Value {
     client()
-        .get(format!("{url}/health"))
+        .get(format!("{url}{path}"))
         .send()
         .await
-        .expect("health")
+        .expect("get")
         .json()
         .await
         .expect("json")
+}
+
+pub async fn health(url: &str) -> serde_json::Value {
+    get_json(url, "/health").await
 }
