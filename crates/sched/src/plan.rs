@@ -9,6 +9,18 @@ use crate::step::{PrefixCopy, StepPlan, Work};
 use tokenfab_types::{Nanos, RequestId, SeqSlot, Tokens};
 
 impl Scheduler {
+    /// Hashes of prompt blocks that running sequences are still prefilling.
+    fn prefixes_in_flight(&self) -> std::collections::HashSet<u64> {
+        let bt = u64::from(self.blocks.block_tokens());
+        self.running
+            .iter()
+            .flat_map(|r| {
+                let done = (r.computed / bt) as usize;
+                r.req.block_hashes.iter().skip(done).copied()
+            })
+            .collect()
+    }
+
     /// A free slot and `blocks` free blocks, evicting cache entries not in `keep`.
     fn make_room(&mut self, blocks: u32, keep: &[SeqSlot]) -> bool {
         if self.free_slots.is_empty() && !self.evict_one(keep) {
@@ -97,8 +109,7 @@ impl Scheduler {
         let decodes = work.len();
         if let (true, Some(target)) = (decodes > 0, self.cfg.target_step) {
             if let Some(p) = self.times.prefill_budget(decodes, target) {
-                let floor = u64::from(self.blocks.block_tokens());
-                budget = budget.min(p.max(floor));
+                budget = budget.min(p);
             }
         }
 
@@ -153,8 +164,17 @@ impl Scheduler {
         adm: &mut Admission,
         only_whole: bool,
     ) {
+        let in_flight = self.prefixes_in_flight();
         while *budget > 0 && (self.running.len() as u32) < self.cfg.max_running {
-            let Some(next) = self.queue.peek(&self.fair) else {
+            // A request whose next uncached block is being computed right now by a running
+            // sequence waits a few steps and reuses it, instead of computing it twice.
+            let Some(next) = self.queue.peek_where(&self.fair, |w| {
+                let cached = self.blocks.lookup(&w.req.block_hashes).len();
+                w.req
+                    .block_hashes
+                    .get(cached)
+                    .is_some_and(|h| in_flight.contains(h))
+            }) else {
                 break;
             };
             let (id, known) = (next.req.id, next.req.prompt.0 + next.generated.0);

@@ -92,14 +92,26 @@ impl WaitQueue {
     }
 
     /// The request the policy would admit next, without removing it.
+    #[cfg(test)]
     pub(crate) fn peek(&self, fair: &Fairness) -> Option<&Waiting> {
-        let band = self.bands.iter().find(|b| !b.is_empty())?;
-        band.iter().min_by(|a, b| {
-            (fair.counter(&a.req.tenant), a.req.deadline(), a.seq_no).cmp(&(
-                fair.counter(&b.req.tenant),
-                b.req.deadline(),
-                b.seq_no,
-            ))
+        self.peek_where(fair, |_| false)
+    }
+
+    /// As [`peek`](Self::peek), passing over requests for which `defer` holds (a lower
+    /// band goes ahead only when every request of the higher bands is deferred).
+    pub(crate) fn peek_where(
+        &self,
+        fair: &Fairness,
+        defer: impl Fn(&Waiting) -> bool,
+    ) -> Option<&Waiting> {
+        self.bands.iter().find_map(|band| {
+            band.iter().filter(|w| !defer(w)).min_by(|a, b| {
+                (fair.counter(&a.req.tenant), a.req.deadline(), a.seq_no).cmp(&(
+                    fair.counter(&b.req.tenant),
+                    b.req.deadline(),
+                    b.seq_no,
+                ))
+            })
         })
     }
 

@@ -8,6 +8,12 @@ use tokenfab_types::Nanos;
 /// Weight of a new observation in the moving averages.
 const ALPHA: f64 = 0.2;
 
+/// Smallest prefill (tokens) a step must carry to teach the per-token cost.
+const MIN_PREFILL_SAMPLE: u64 = 64;
+
+/// Prefill tokens a step always gets beside decodes, whatever the model says.
+pub const MIN_PREFILL_BUDGET: u64 = 64;
+
 #[derive(Clone, Debug, Default)]
 pub struct StepTimes {
     /// Seconds of a decode-only step, indexed by the number of decodes.
@@ -32,7 +38,10 @@ impl StepTimes {
                 self.decode.resize(decodes + 1, None);
             }
             self.decode[decodes] = Some(ewma(self.decode[decodes], t));
-        } else if prefill >= 16 {
+        } else if prefill >= MIN_PREFILL_SAMPLE {
+            // Only sizeable prefills: with a few tokens the step's fixed costs would be
+            // charged to them, the estimate would grow, budgets shrink, and the planner
+            // would spiral into ever smaller (ever less efficient) chunks.
             let base = self.decode_time(decodes).unwrap_or(0.0);
             let per = ((t - base) / prefill as f64).max(t / prefill as f64 * 0.25);
             self.prefill_token = Some(ewma(self.prefill_token, per));
@@ -65,7 +74,7 @@ impl StepTimes {
         let base = self.decode_time(decodes)?;
         let per = self.prefill_token?;
         let left = target.as_secs_f64() - base;
-        Some((left.max(0.0) / per) as u64)
+        Some(((left.max(0.0) / per) as u64).max(MIN_PREFILL_BUDGET))
     }
 }
 
