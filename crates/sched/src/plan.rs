@@ -189,10 +189,23 @@ impl Scheduler {
             }
             let mut keep: Vec<SeqSlot> = adm.pinned.clone();
             keep.extend(hit.as_ref().map(|(_, s)| *s));
+            // Admit only what can be prefilled to the end: the whole uncached prompt, on
+            // top of what running sequences still need for theirs. Admitting on the first
+            // chunk alone lets several long prompts start, run the pool dry and preempt
+            // each other into endless recomputation.
+            let outstanding: u32 = self
+                .running
+                .iter()
+                .map(|r| {
+                    self.blocks
+                        .blocks_for(r.known)
+                        .saturating_sub(r.blocks.len() as u32)
+                })
+                .sum();
             let need = |reused: u64| {
-                let first = (known - reused).min(*budget);
-                self.blocks.blocks_for(reused + first) - self.blocks.blocks_for(reused)
+                self.blocks.blocks_for(known) - self.blocks.blocks_for(reused)
                     + self.cfg.watermark_blocks
+                    + outstanding
             };
             let need_hit = need(reused_of(&hit, bt));
             let need_cold = need(0);
