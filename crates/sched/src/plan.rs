@@ -164,7 +164,7 @@ impl Scheduler {
         adm: &mut Admission,
         only_whole: bool,
     ) {
-        let in_flight = self.prefixes_in_flight();
+        let mut in_flight = self.prefixes_in_flight();
         while *budget > 0 && (self.running.len() as u32) < self.cfg.max_running {
             // A request whose next uncached block is being computed right now by a running
             // sequence waits a few steps and reuses it, instead of computing it twice.
@@ -238,6 +238,13 @@ impl Scheduler {
                 self.touch(src);
                 adm.pinned.push(src);
             }
+            // Its uncached blocks are in flight from now on, for the requests behind it.
+            in_flight.extend(
+                req.block_hashes
+                    .iter()
+                    .skip((reused / u64::from(bt)) as usize)
+                    .copied(),
+            );
             self.stats.prefix_query_tokens += req.prompt.0;
             self.stats.prefix_hit_tokens += reused;
             adm.start.push((id, slot));
