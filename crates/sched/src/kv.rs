@@ -131,10 +131,6 @@ impl BlockPool {
             .map_while(|h| self.index.get(h).copied())
             .collect()
     }
-
-    pub fn indexed_count(&self) -> usize {
-        self.index.len()
-    }
 }
 
 /// FNV-1a over little-endian bytes: deterministic across processes and platforms (the

@@ -187,9 +187,6 @@ impl Scheduler {
     pub fn stats(&self) -> &SchedStats {
         &self.stats
     }
-    pub fn fairness_counter(&self, t: &TenantId) -> u64 {
-        self.fair.counter(t)
-    }
     pub(crate) fn prefill_tokens_per_sec(&self) -> Option<f64> {
         self.times.prefill_tokens_per_sec()
     }
@@ -214,10 +211,6 @@ impl Scheduler {
             && self.running.is_empty()
             && self.release.is_empty()
             && self.trim.is_empty()
-    }
-
-    pub fn is_known(&self, id: RequestId) -> bool {
-        self.running.iter().any(|r| r.req.id == id) || self.queue.iter().any(|w| w.req.id == id)
     }
 
     /// Stop admitting; running and queued requests continue.
