@@ -70,6 +70,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::ModelNotFound | ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::InvalidApiKey => StatusCode::UNAUTHORIZED,
+        ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorCode::RateLimited | ErrorCode::InsufficientQuota => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::IdempotencyInFlight => StatusCode::CONFLICT,
         ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -87,6 +92,16 @@ fn openai_kind(code: ErrorCode) -> (&'static str, Option<&'static str>) {
         ErrorCode::NotFound => ("invalid_request_error", Some("not_found")),
         ErrorCode::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed")),
         ErrorCode::PayloadTooLarge => ("invalid_request_error", Some("payload_too_large")),
+        ErrorCode::InvalidApiKey => ("invalid_request_error", Some("invalid_api_key")),
+        ErrorCode::PermissionDenied => ("invalid_request_error", Some("permission_denied")),
+        ErrorCode::RateLimited => ("requests", Some("rate_limit_exceeded")),
+        ErrorCode::InsufficientQuota => ("insufficient_quota", Some("insufficient_quota")),
+        ErrorCode::IdempotencyMismatch => {
+            ("invalid_request_error", Some("idempotency_key_mismatch"))
+        }
+        ErrorCode::IdempotencyInFlight => {
+            ("invalid_request_error", Some("idempotency_key_in_flight"))
+        }
         ErrorCode::Overloaded => ("server_error", Some("overloaded")),
         ErrorCode::ShuttingDown => ("server_error", Some("shutting_down")),
         ErrorCode::Internal => ("server_error", Some("internal_error")),

@@ -25,6 +25,18 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// Body over the configured limit.
     PayloadTooLarge,
+    /// No API key, or one that is malformed, unknown or revoked.
+    InvalidApiKey,
+    /// The key is valid but may not do this (an admin route, another tenant's data).
+    PermissionDenied,
+    /// Over the key's requests-per-minute, tokens-per-minute or concurrency limit.
+    RateLimited,
+    /// The key's budget cannot cover the request's worst-case cost.
+    InsufficientQuota,
+    /// An `Idempotency-Key` reused with a different request body.
+    IdempotencyMismatch,
+    /// A request with this `Idempotency-Key` is still running.
+    IdempotencyInFlight,
     /// Bounded queue full, or the request's SLO cannot be met: retry later.
     Overloaded,
     /// The engine is shutting down.
@@ -44,7 +56,13 @@ impl ErrorCode {
 
     /// Whether sending the same request again (later, or elsewhere) may succeed.
     pub fn retry_safe(self) -> bool {
-        matches!(self, ErrorCode::Overloaded | ErrorCode::ShuttingDown)
+        matches!(
+            self,
+            ErrorCode::Overloaded
+                | ErrorCode::ShuttingDown
+                | ErrorCode::RateLimited
+                | ErrorCode::IdempotencyInFlight
+        )
     }
 
     /// A stable snake_case name, used as a bounded metric label.
@@ -57,6 +75,12 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::InvalidApiKey => "invalid_api_key",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::RateLimited => "rate_limit_exceeded",
+            ErrorCode::InsufficientQuota => "insufficient_quota",
+            ErrorCode::IdempotencyMismatch => "idempotency_key_mismatch",
+            ErrorCode::IdempotencyInFlight => "idempotency_key_in_flight",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",

@@ -3,10 +3,12 @@
 //! Units live in types (`Tokens`, `Nanos`, `NanoUsd`) so that a token count can never be
 //! added to a duration by mistake. This crate depends on nothing of ours and on no runtime.
 
+mod band;
 mod error;
 mod ids;
 mod units;
 
+pub use band::Band;
 pub use error::{ErrorCode, ErrorOrigin};
 pub use ids::{RequestId, SeqSlot, TenantId, TokenId};
 pub use units::{NanoUsd, Nanos, Tokens};

@@ -1,0 +1,555 @@
+//! The SQL store: SQLite (default, embedded; WAL, synchronous=FULL) or PostgreSQL (shared by
+//! several gateway processes), one implementation over sqlx's `Any` driver.
+//!
+//! Writes on the request path (reserve, progress, settle) go through one writer task per
+//! process that commits them in groups: every call waits for the commit that contains it,
+//! so each returns only once durable, while a busy server pays one fsync per group rather
+//! than per request. Budget checks are single conditional `UPDATE`s, so they stay exact when
+//! several processes share one PostgreSQL database (row locks serialise them).
+
+use crate::model::{
+    utc_day, AttemptId, GroupBy, KeyRecord, Outcome, Recovery, Reservation, Settled, Settlement,
+    TokenUsage, UsageQuery, UsageRow,
+};
+use crate::price::Price;
+use crate::store::{LedgerError, LedgerStore, Result};
+use async_trait::async_trait;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use std::str::FromStr;
+use tokenfab_types::{Band, NanoUsd, TenantId, Tokens};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Most writes committed together.
+const MAX_GROUP: usize = 512;
+
+enum Job {
+    Reserve(Reservation, oneshot::Sender<Result<()>>),
+    Progress(AttemptId, TokenUsage, oneshot::Sender<Result<()>>),
+    Settle(AttemptId, Settlement, oneshot::Sender<Result<Settled>>),
+}
+
+enum Done {
+    Unit(Result<()>),
+    Settled(Result<Settled>),
+}
+
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    writer: mpsc::Sender<Job>,
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn schema(d: Dialect) -> [String; 4] {
+    let blob = match d {
+        Dialect::Sqlite => "BLOB",
+        Dialect::Postgres => "BYTEA",
+    };
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS api_keys (
+                id TEXT PRIMARY KEY, tenant TEXT NOT NULL, hash {blob} NOT NULL,
+                rpm BIGINT, tpm BIGINT, max_concurrency BIGINT, budget BIGINT,
+                spent BIGINT NOT NULL DEFAULT 0, reserved BIGINT NOT NULL DEFAULT 0,
+                priority TEXT NOT NULL, weight BIGINT NOT NULL,
+                created_at BIGINT NOT NULL, revoked_at BIGINT)"
+        ),
+        "CREATE TABLE IF NOT EXISTS reservations (
+            request_id TEXT NOT NULL, attempt BIGINT NOT NULL, node TEXT NOT NULL,
+            key_id TEXT NOT NULL, tenant TEXT NOT NULL, model TEXT NOT NULL,
+            amount BIGINT NOT NULL,
+            price_prompt BIGINT NOT NULL, price_cached BIGINT NOT NULL,
+            price_completion BIGINT NOT NULL,
+            prompt_tokens BIGINT NOT NULL DEFAULT 0, cached_tokens BIGINT NOT NULL DEFAULT 0,
+            completion_tokens BIGINT NOT NULL DEFAULT 0, cost BIGINT NOT NULL DEFAULT 0,
+            state TEXT NOT NULL, outcome TEXT, day TEXT NOT NULL,
+            created_at BIGINT NOT NULL, settled_at BIGINT,
+            PRIMARY KEY (request_id, attempt))"
+            .to_owned(),
+        "CREATE INDEX IF NOT EXISTS reservations_open ON reservations (node) WHERE state = 'open'"
+            .to_owned(),
+        "CREATE INDEX IF NOT EXISTS reservations_tenant ON reservations (tenant, created_at)"
+            .to_owned(),
+    ]
+}
+
+impl SqlStore {
+    /// Open (creating if needed) the store at `url`: `postgres://…`, or a SQLite file path
+    /// (`sqlite://` prefix optional).
+    pub async fn open(url: &str) -> Result<SqlStore> {
+        sqlx::any::install_default_drivers();
+        let (dialect, url) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Dialect::Postgres, url.to_owned())
+        } else {
+            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            (Dialect::Sqlite, format!("sqlite://{path}?mode=rwc"))
+        };
+        let opts = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        for p in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = FULL",
+                            "PRAGMA busy_timeout = 10000",
+                        ] {
+                            conn.execute(p).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        let mut conn = pool.acquire().await?;
+        for ddl in schema(dialect) {
+            conn.execute(ddl.as_str()).await?;
+        }
+        let writer_conn = conn.detach();
+        let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
+        tokio::spawn(write_loop(writer_conn, rx));
+        Ok(SqlStore {
+            pool,
+            dialect,
+            writer: tx,
+        })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    async fn submit<T>(&self, job: Job, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        self.writer
+            .send(job)
+            .await
+            .map_err(|_| LedgerError::Storage("ledger writer stopped".into()))?;
+        rx.await
+            .map_err(|_| LedgerError::Storage("ledger writer stopped".into()))?
+    }
+}
+
+/// The group-commit writer: take every job waiting (up to [`MAX_GROUP`]), apply them in one
+/// transaction, commit once, then answer each. If the group's transaction fails (a
+/// deadlock with another process, say) the jobs are retried one transaction each, so one
+/// job's failure never fails another's.
+async fn write_loop(mut conn: AnyConnection, mut rx: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(MAX_GROUP);
+    while rx.recv_many(&mut jobs, MAX_GROUP).await > 0 {
+        match apply_group(&mut conn, &jobs).await {
+            Ok(done) => {
+                for (job, d) in jobs.drain(..).zip(done) {
+                    reply(job, d);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = jobs.len(), "ledger group commit failed; retrying one by one");
+                for job in jobs.drain(..) {
+                    let done = match apply_group(&mut conn, std::slice::from_ref(&job)).await {
+                        Ok(mut d) => d.pop(),
+                        Err(e) => Some(fail(&job, &e)),
+                    };
+                    if let Some(d) = done {
+                        reply(job, d);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fail(job: &Job, e: &sqlx::Error) -> Done {
+    let err = LedgerError::Storage(e.to_string());
+    match job {
+        Job::Settle(..) => Done::Settled(Err(err)),
+        _ => Done::Unit(Err(err)),
+    }
+}
+
+fn reply(job: Job, done: Done) {
+    match (job, done) {
+        (Job::Reserve(_, tx) | Job::Progress(_, _, tx), Done::Unit(r)) => {
+            let _ = tx.send(r);
+        }
+        (Job::Settle(_, _, tx), Done::Settled(r)) => {
+            let _ = tx.send(r);
+        }
+        (Job::Reserve(_, tx) | Job::Progress(_, _, tx), Done::Settled(_)) => {
+            let _ = tx.send(Err(LedgerError::Storage("mismatched reply".into())));
+        }
+        (Job::Settle(_, _, tx), Done::Unit(_)) => {
+            let _ = tx.send(Err(LedgerError::Storage("mismatched reply".into())));
+        }
+    }
+}
+
+async fn apply_group(conn: &mut AnyConnection, jobs: &[Job]) -> sqlx::Result<Vec<Done>> {
+    let mut tx = conn.begin().await?;
+    let mut done = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        done.push(match job {
+            Job::Reserve(r, _) => Done::Unit(reserve_in(&mut tx, r).await?),
+            Job::Progress(id, usage, _) => Done::Unit(progress_in(&mut tx, id, *usage).await?),
+            Job::Settle(id, s, _) => Done::Settled(settle_in(&mut tx, id, *s).await?),
+        });
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+async fn reserve_in(conn: &mut AnyConnection, r: &Reservation) -> sqlx::Result<Result<()>> {
+    let exists = sqlx::query("SELECT 1 FROM reservations WHERE request_id = $1 AND attempt = $2")
+        .bind(&r.id.request_id)
+        .bind(i64::from(r.id.attempt))
+        .fetch_optional(&mut *conn)
+        .await?;
+    if exists.is_some() {
+        return Ok(Err(LedgerError::DuplicateReservation(r.id.clone())));
+    }
+    let needed = r.amount();
+    let held = sqlx::query(
+        "UPDATE api_keys SET reserved = reserved + $1 WHERE id = $2 AND revoked_at IS NULL
+         AND (budget IS NULL OR spent + reserved + $1 <= budget)",
+    )
+    .bind(i(needed.0))
+    .bind(&r.key_id)
+    .execute(&mut *conn)
+    .await?;
+    if held.rows_affected() != 1 {
+        let key = sqlx::query("SELECT * FROM api_keys WHERE id = $1")
+            .bind(&r.key_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let err = match key.as_ref().map(key_from_row).transpose()? {
+            None => LedgerError::UnknownKey(r.key_id.clone()),
+            Some(k) if k.revoked => LedgerError::Revoked(r.key_id.clone()),
+            Some(k) => LedgerError::InsufficientBudget {
+                needed,
+                remaining: k.remaining().unwrap_or_default(),
+            },
+        };
+        return Ok(Err(err));
+    }
+    sqlx::query(
+        "INSERT INTO reservations (request_id, attempt, node, key_id, tenant, model, amount,
+            price_prompt, price_cached, price_completion, state, day, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'open', $11, $12)",
+    )
+    .bind(&r.id.request_id)
+    .bind(i64::from(r.id.attempt))
+    .bind(&r.node)
+    .bind(&r.key_id)
+    .bind(&r.tenant.0)
+    .bind(&r.model)
+    .bind(i(needed.0))
+    .bind(i(r.price.prompt.0))
+    .bind(i(r.price.cached.0))
+    .bind(i(r.price.completion.0))
+    .bind(utc_day(r.now))
+    .bind(r.now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Ok(()))
+}
+
+async fn progress_in(
+    conn: &mut AnyConnection,
+    id: &AttemptId,
+    usage: TokenUsage,
+) -> sqlx::Result<Result<()>> {
+    let done = sqlx::query(
+        "UPDATE reservations SET prompt_tokens = $1, cached_tokens = $2, completion_tokens = $3
+         WHERE request_id = $4 AND attempt = $5 AND state = 'open'",
+    )
+    .bind(i(usage.prompt.0))
+    .bind(i(usage.cached.0))
+    .bind(i(usage.completion.0))
+    .bind(&id.request_id)
+    .bind(i64::from(id.attempt))
+    .execute(&mut *conn)
+    .await?;
+    Ok(if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(LedgerError::NotOpen(id.clone()))
+    })
+}
+
+async fn settle_in(
+    conn: &mut AnyConnection,
+    id: &AttemptId,
+    s: Settlement,
+) -> sqlx::Result<Result<Settled>> {
+    let row = sqlx::query(
+        "SELECT key_id, amount, price_prompt, price_cached, price_completion FROM reservations
+         WHERE request_id = $1 AND attempt = $2 AND state = 'open'",
+    )
+    .bind(&id.request_id)
+    .bind(i64::from(id.attempt))
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(Err(LedgerError::NotOpen(id.clone())));
+    };
+    let key_id: String = row.try_get("key_id")?;
+    let held = NanoUsd(u(row.try_get("amount")?));
+    let price = Price {
+        prompt: NanoUsd(u(row.try_get("price_prompt")?)),
+        cached: NanoUsd(u(row.try_get("price_cached")?)),
+        completion: NanoUsd(u(row.try_get("price_completion")?)),
+    };
+    let usage = s.usage;
+    let cost = price.cost(usage.prompt, usage.cached, usage.completion);
+    let state = if usage.is_empty() {
+        "released"
+    } else {
+        "confirmed"
+    };
+    let done = sqlx::query(
+        "UPDATE reservations SET state = $1, outcome = $2, prompt_tokens = $3,
+            cached_tokens = $4, completion_tokens = $5, cost = $6, settled_at = $7
+         WHERE request_id = $8 AND attempt = $9 AND state = 'open'",
+    )
+    .bind(state)
+    .bind(s.outcome.as_str())
+    .bind(i(usage.prompt.0))
+    .bind(i(usage.cached.0))
+    .bind(i(usage.completion.0))
+    .bind(i(cost.0))
+    .bind(s.now)
+    .bind(&id.request_id)
+    .bind(i64::from(id.attempt))
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Ok(Err(LedgerError::NotOpen(id.clone())));
+    }
+    sqlx::query("UPDATE api_keys SET reserved = reserved - $1, spent = spent + $2 WHERE id = $3")
+        .bind(i(held.0))
+        .bind(i(cost.0))
+        .bind(&key_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Ok(Settled { cost, held }))
+}
+
+fn key_from_row(row: &AnyRow) -> sqlx::Result<KeyRecord> {
+    let hash: Vec<u8> = row.try_get("hash")?;
+    let priority: String = row.try_get("priority")?;
+    let opt = |name: &str| -> sqlx::Result<Option<u64>> {
+        Ok(row.try_get::<Option<i64>, _>(name)?.map(u))
+    };
+    Ok(KeyRecord {
+        id: row.try_get("id")?,
+        tenant: TenantId(row.try_get("tenant")?),
+        hash: hash.try_into().unwrap_or([0; 32]),
+        rpm: opt("rpm")?,
+        tpm: opt("tpm")?,
+        max_concurrency: opt("max_concurrency")?,
+        budget: opt("budget")?.map(NanoUsd),
+        spent: NanoUsd(u(row.try_get("spent")?)),
+        reserved: NanoUsd(u(row.try_get("reserved")?)),
+        priority: Band::parse(&priority).unwrap_or(Band::Standard),
+        weight: u32::try_from(u(row.try_get("weight")?)).unwrap_or(1),
+        created_at: row.try_get("created_at")?,
+        revoked: row.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
+    })
+}
+
+fn usage_from_row(row: &AnyRow) -> sqlx::Result<UsageRow> {
+    Ok(UsageRow {
+        group: row.try_get(0)?,
+        requests: u(row.try_get(1)?),
+        prompt_tokens: u(row.try_get(2)?),
+        cached_tokens: u(row.try_get(3)?),
+        completion_tokens: u(row.try_get(4)?),
+        cost_nano_usd: u(row.try_get(5)?),
+    })
+}
+
+#[async_trait]
+impl LedgerStore for SqlStore {
+    async fn create_key(&self, k: &KeyRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant, hash, rpm, tpm, max_concurrency, budget, spent,
+                reserved, priority, weight, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10)",
+        )
+        .bind(&k.id)
+        .bind(&k.tenant.0)
+        .bind(k.hash.to_vec())
+        .bind(k.rpm.map(i))
+        .bind(k.tpm.map(i))
+        .bind(k.max_concurrency.map(i))
+        .bind(k.budget.map(|b| i(b.0)))
+        .bind(k.priority.as_str())
+        .bind(i64::from(k.weight))
+        .bind(k.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(key_from_row).transpose()?)
+    }
+
+    async fn list_keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>> {
+        let rows = match tenant {
+            Some(t) => {
+                sqlx::query("SELECT * FROM api_keys WHERE tenant = $1 ORDER BY id")
+                    .bind(&t.0)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM api_keys ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        Ok(rows.iter().map(key_from_row).collect::<sqlx::Result<_>>()?)
+    }
+
+    async fn revoke_key(&self, id: &str, now: i64) -> Result<bool> {
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn rotate_key(&self, id: &str, hash: [u8; 32]) -> Result<bool> {
+        let r = sqlx::query("UPDATE api_keys SET hash = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(hash.to_vec())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn reserve(&self, r: &Reservation) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Reserve(r.clone(), tx), rx).await
+    }
+
+    async fn progress(&self, id: &AttemptId, usage: TokenUsage) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Progress(id.clone(), usage, tx), rx).await
+    }
+
+    async fn settle(&self, id: &AttemptId, s: Settlement) -> Result<Settled> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Settle(id.clone(), s, tx), rx).await
+    }
+
+    async fn recover(&self, node: &str, now: i64) -> Result<Recovery> {
+        let rows = sqlx::query(
+            "SELECT request_id, attempt, prompt_tokens, cached_tokens, completion_tokens
+             FROM reservations WHERE node = $1 AND state = 'open'",
+        )
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rec = Recovery::default();
+        for row in rows {
+            let id = AttemptId::new(
+                row.try_get::<String, _>(0)?,
+                u32::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0),
+            );
+            let usage = TokenUsage {
+                prompt: Tokens(u(row.try_get(2)?)),
+                cached: Tokens(u(row.try_get(3)?)),
+                completion: Tokens(u(row.try_get(4)?)),
+            };
+            let s = Settlement {
+                usage,
+                outcome: Outcome::Recovered,
+                now,
+            };
+            self.settle(&id, s).await?;
+            if usage.is_empty() {
+                rec.released += 1;
+            } else {
+                rec.confirmed += 1;
+            }
+        }
+        Ok(rec)
+    }
+
+    async fn open_reservations(&self) -> Result<u64> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM reservations WHERE state = 'open'")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(u(n))
+    }
+
+    async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>> {
+        let col = match q.group_by {
+            GroupBy::Model => "model",
+            GroupBy::Day => "day",
+            GroupBy::Key => "key_id",
+            GroupBy::Tenant => "tenant",
+        };
+        let mut filters = vec!["state <> 'open'".to_owned()];
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if q.tenant.is_some() {
+            filters.push(format!("tenant = {}", next()));
+        }
+        if q.key_id.is_some() {
+            filters.push(format!("key_id = {}", next()));
+        }
+        if q.since.is_some() {
+            filters.push(format!("created_at >= {}", next()));
+        }
+        let sql = format!(
+            "SELECT {col}, COUNT(*), CAST(SUM(prompt_tokens) AS BIGINT),
+                CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT),
+                CAST(SUM(cost) AS BIGINT)
+             FROM reservations WHERE {} GROUP BY {col} ORDER BY {col}",
+            filters.join(" AND ")
+        );
+        let mut query = sqlx::query(&sql);
+        if let Some(t) = &q.tenant {
+            query = query.bind(&t.0);
+        }
+        if let Some(k) = &q.key_id {
+            query = query.bind(k);
+        }
+        if let Some(s) = q.since {
+            query = query.bind(s);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(usage_from_row)
+            .collect::<sqlx::Result<_>>()?)
+    }
+}
