@@ -2,14 +2,41 @@
 //! clap applies environment and flags (flags win); this module applies them over the file.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
     pub model: ModelConfig,
     pub scheduler: SchedulerConfig,
+    pub gateway: GatewaySection,
+    /// Price per model name served, in USD per million tokens.
+    pub prices: BTreeMap<String, PriceConfig>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// Ledger store: a SQLite file path, `postgres://…`, or `memory`. Empty: SQLite at
+    /// `$TOKENFAB_HOME/ledger.db`.
+    pub ledger: String,
+    /// Admin key for `/admin/v1/*`. Setting it (or creating any API key) turns on keyed
+    /// mode; with neither, the server runs open in local single-user mode.
+    pub admin_key: String,
+    /// This process's name in the ledger (a restart with the same name resolves what it
+    /// left open). Empty: `<hostname>:<port>`.
+    pub node: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriceConfig {
+    pub prompt_usd_per_mtok: f64,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_usd_per_mtok: f64,
+    pub completion_usd_per_mtok: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +132,42 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+    }
+
+    /// The ledger URL, with the default applied.
+    pub fn ledger_url(&self) -> String {
+        if self.gateway.ledger.is_empty() {
+            tokenfab_llama::pull::home()
+                .join("ledger.db")
+                .display()
+                .to_string()
+        } else {
+            self.gateway.ledger.clone()
+        }
+    }
+
+    /// The ledger node name, with the default applied.
+    pub fn node(&self) -> String {
+        if !self.gateway.node.is_empty() {
+            return self.gateway.node.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{}", self.server.port)
+    }
+
+    /// The configured price of `model` (zero when none is configured).
+    pub fn price(&self, model: &str) -> anyhow::Result<tokenfab_ledger::Price> {
+        let p = self.prices.get(model).copied().unwrap_or_default();
+        tokenfab_ledger::Price::from_usd_per_mtok(
+            p.prompt_usd_per_mtok,
+            p.cached_usd_per_mtok,
+            p.completion_usd_per_mtok,
+        )
+        .map_err(|e| anyhow::anyhow!("prices.{model}: {e}"))
     }
 
     pub fn engine(&self) -> tokenfab_engine::EngineConfig {

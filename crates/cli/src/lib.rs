@@ -2,6 +2,7 @@
 //! server the binary runs: configuration, `serve` assembly, and the `bench` load generator.
 //! Logic belongs in the other crates; this one only connects them.
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod serve;

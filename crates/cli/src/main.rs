@@ -1,4 +1,4 @@
-//! The `tokenfab` binary: `serve`, `pull`, `bench`, `config`.
+//! The `tokenfab` binary: `serve`, `pull`, `bench`, `config`, `keys`, `usage`.
 //!
 //! Wiring only: it parses flags and config, builds the engine with the llama.cpp executor
 //! and hands it to the gateway. Logic belongs in the library crates.
@@ -6,7 +6,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use tokenfab::config::Config;
-use tokenfab::{bench, serve};
+use tokenfab::{admin, bench, serve};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +48,13 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print the resolved configuration as TOML.
     Config(ServeArgs),
+    /// Manage API keys in the ledger.
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeysCommand,
+    },
+    /// Print usage from the ledger.
+    Usage(admin::UsageArgs),
 }
 
 /// Flags shared by `serve` and `config`; each overrides the config file and is also read
@@ -82,6 +89,15 @@ pub struct ServeArgs {
     /// Bounded queue length (requests).
     #[arg(long, env = "TOKENFAB_MAX_WAITING")]
     max_waiting: Option<u32>,
+    /// Ledger: SQLite path, postgres://…, or memory. Default: $TOKENFAB_HOME/ledger.db.
+    #[arg(long, env = "TOKENFAB_LEDGER")]
+    ledger: Option<String>,
+    /// Admin key for /admin/v1/* (turns on keyed mode).
+    #[arg(long, env = "TOKENFAB_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// This process's name in the ledger. Default: <hostname>:<port>.
+    #[arg(long, env = "TOKENFAB_NODE")]
+    node: Option<String>,
 }
 
 impl ServeArgs {
@@ -114,6 +130,15 @@ impl ServeArgs {
         if let Some(v) = self.max_waiting {
             c.scheduler.max_waiting = v;
         }
+        if let Some(v) = &self.ledger {
+            c.gateway.ledger.clone_from(v);
+        }
+        if let Some(v) = &self.admin_key {
+            c.gateway.admin_key.clone_from(v);
+        }
+        if let Some(v) = &self.node {
+            c.gateway.node.clone_from(v);
+        }
         Ok(c)
     }
 }
@@ -141,8 +166,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Keys { command } => admin::keys(command),
+        Command::Usage(args) => admin::usage(args),
         Command::Config(args) => {
-            print!("{}", toml::to_string(&args.resolve()?)?);
+            let mut c = args.resolve()?;
+            if !c.gateway.admin_key.is_empty() {
+                c.gateway.admin_key = "<redacted>".into();
+            }
+            print!("{}", toml::to_string(&c)?);
             Ok(())
         }
     }

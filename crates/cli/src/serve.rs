@@ -4,25 +4,66 @@ use crate::config::Config;
 use anyhow::Context;
 use std::sync::Arc;
 use tokenfab_engine::{Engine, EngineMetrics};
-use tokenfab_gateway::{AppState, GatewayConfig, HttpMetrics};
+use tokenfab_gateway::{
+    AdminKey, AppState, AuthMode, GatewayConfig, HttpMetrics, KeyCache, Limiter,
+};
+use tokenfab_ledger::LedgerStore;
 use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig, LoadedModel};
+use tokio_util::task::TaskTracker;
 
 /// A ready server: the HTTP router and the engine behind it.
 pub struct App {
     pub router: axum::Router,
     pub engine: Engine,
     pub model: Arc<LoadedModel>,
+    /// Whether API keys are required (else local single-user mode).
+    pub keyed: bool,
+    /// Settlements of requests that ended by disconnect; wait for them before exiting.
+    pub tracker: TaskTracker,
 }
 
 /// Pull and load the model, start the engine thread, build the router.
-pub fn build(cfg: &Config) -> anyhow::Result<App> {
+pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     let pulled = tokenfab_llama::pull::pull(&cfg.model.name, &tokenfab_llama::pull::home())?;
     let model = LoadedModel::load(&pulled.path, &pulled.name)?;
-    build_with_model(cfg, model)
+    build_with_model(cfg, model).await
+}
+
+/// Open the ledger and resolve what this node left open (a crash, `kill -9`).
+async fn open_ledger(cfg: &Config) -> anyhow::Result<Arc<dyn LedgerStore>> {
+    let url = cfg.ledger_url();
+    if let Some(dir) = std::path::Path::new(&url).parent() {
+        if !url.contains("://") && !dir.as_os_str().is_empty() && url != "memory" {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create ledger directory {}", dir.display()))?;
+        }
+    }
+    let ledger = tokenfab_ledger::open(&url)
+        .await
+        .with_context(|| format!("cannot open the ledger at {url}"))?;
+    let node = cfg.node();
+    let rec = ledger.recover(&node, tokenfab_gateway::unix_now()).await?;
+    if rec.confirmed + rec.released > 0 {
+        tracing::warn!(
+            node,
+            confirmed = rec.confirmed,
+            released = rec.released,
+            "resolved reservations left open by the previous run"
+        );
+    }
+    Ok(ledger)
 }
 
 /// As [`build`], for a model already loaded (tests share one model between engines).
-pub fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::Result<App> {
+pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::Result<App> {
+    let ledger = open_ledger(cfg).await?;
+    let admin = (!cfg.gateway.admin_key.is_empty()).then(|| AdminKey::new(&cfg.gateway.admin_key));
+    let keyed = admin.is_some() || !ledger.list_keys(None).await?.is_empty();
+    let auth = if keyed {
+        AuthMode::Keys(Arc::new(KeyCache::new(ledger.clone())))
+    } else {
+        AuthMode::Open
+    };
     let registry = prometheus::Registry::new();
     let engine_metrics = EngineMetrics::new(&registry, model.name())?;
     let exec_cfg = LlamaExecutorConfig {
@@ -44,6 +85,7 @@ pub fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::Result
         context = cap.max_seq_tokens,
         "engine ready"
     );
+    let tracker = TaskTracker::new();
     let state = AppState {
         engine: engine.clone(),
         tokenizer: model.clone() as Arc<dyn tokenfab_engine::Tokenizer>,
@@ -52,36 +94,53 @@ pub fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::Result
         registry,
         config: GatewayConfig {
             max_body_bytes: cfg.server.max_body_bytes,
+            node: cfg.node(),
+            price: cfg.price(model.name())?,
         },
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        auth,
+        admin,
+        ledger,
+        limiter: Arc::new(Limiter::default()),
+        tracker: tracker.clone(),
     };
     Ok(App {
         router: tokenfab_gateway::router(state),
         engine,
         model,
+        keyed,
+        tracker,
     })
 }
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    let app = build(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let app = build(&cfg).await?;
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(
-            "serving {} on http://{addr} (local single-user mode: no API keys configured, every request is accepted)",
-            app.model.name()
-        );
-        axum::serve(listener, app.router)
+        if app.keyed {
+            tracing::info!("serving {} on http://{addr} (API keys required)", app.model.name());
+        } else {
+            tracing::warn!(
+                "serving {} on http://{addr} in local single-user mode: no API keys or admin key configured, every request is accepted and nothing is metered (`tokenfab keys create --tenant NAME` turns keys on)",
+                app.model.name()
+            );
+        }
+        let served = axum::serve(listener, app.router)
             .with_graceful_shutdown(shutdown(app.engine))
             .await
-            .context("server failed")
+            .context("server failed");
+        // Requests cut short settle on tracked tasks: let them reach the ledger.
+        app.tracker.close();
+        app.tracker.wait().await;
+        served
     })
 }
 

@@ -70,7 +70,9 @@ async fn cached_tokens(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_system_prompt_is_prefilled_once_per_tenant() {
-    let app = tokenfab::serve::build_with_model(&config(), model()).expect("app");
+    let app = tokenfab::serve::build_with_model(&config(), model())
+        .await
+        .expect("app");
     let m = model();
     let p1 = prompt(&m, "Which ferry leaves first?");
     let p2 = prompt(&m, "Is the weather calm today?");

@@ -1,10 +1,12 @@
 //! The one place where an [`ErrorCode`] becomes an HTTP status and an OpenAI error
 //! `type`/`code`.
 
+use crate::limits::RateInfo;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokenfab_api::{ErrorBody, ErrorDetail};
 use tokenfab_engine::EngineError;
+use tokenfab_ledger::LedgerError;
 use tokenfab_types::{ErrorCode, Nanos};
 
 /// An error on its way to the client.
@@ -14,6 +16,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub retry_after: Option<Nanos>,
+    /// Rate-limit state for the `x-ratelimit-*` headers.
+    pub rate: Option<Box<RateInfo>>,
 }
 
 impl ApiError {
@@ -23,6 +27,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            rate: None,
         }
     }
 
@@ -56,8 +61,15 @@ impl From<EngineError> for ApiError {
             code: e.code(),
             param: (e.code() == ErrorCode::ContextLengthExceeded).then(|| "messages".to_owned()),
             retry_after: e.retry_after(),
+            rate: None,
             message: e.to_string(),
         }
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        ApiError::new(e.code(), e.to_string())
     }
 }
 
@@ -124,6 +136,9 @@ impl IntoResponse for ApiError {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        if let Some(rate) = &self.rate {
+            rate.write(resp.headers_mut());
         }
         resp
     }

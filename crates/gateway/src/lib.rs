@@ -4,8 +4,12 @@
 //! Handlers stay thin: extract, validate, call the engine, convert. Only this crate knows
 //! HTTP; it must not reach into llama.cpp or the scheduler's internals.
 
+mod admin;
+mod auth;
 mod error;
 mod extract;
+mod limits;
+mod meter;
 mod metrics;
 mod output;
 mod routes;
@@ -14,7 +18,11 @@ mod stop;
 mod stream;
 mod validate;
 
+pub use admin::key_spec;
+pub use auth::{AdminKey, AuthMode, KeyCache};
 pub use error::{status_of, ApiError};
+pub use limits::Limiter;
+pub use meter::unix_now;
 pub use metrics::HttpMetrics;
 pub use routes::router;
 pub use state::{AppState, GatewayConfig};

@@ -1,12 +1,30 @@
 //! A generation's tokens → text pieces: UTF-8 reassembly, stop strings, usage counting.
 
 use crate::error::ApiError;
+use crate::meter::Meter;
 use crate::stop::StopMatcher;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokenfab_api::{PromptTokensDetails, Usage};
 use tokenfab_engine::{Event, FinishReason, Generation, Tokenizer, Utf8Stream};
-use tokenfab_types::ErrorCode;
+use tokenfab_ledger::TokenUsage;
+use tokenfab_types::{ErrorCode, Tokens};
+
+/// A request under way: its output, first piece, and held budget and limits.
+pub struct Started {
+    pub out: TextOutput,
+    pub first: Piece,
+    pub meter: Meter,
+}
+
+/// The ledger's view of an OpenAI usage block.
+pub fn usage_of(u: &Usage) -> TokenUsage {
+    TokenUsage {
+        prompt: Tokens(u.prompt_tokens),
+        cached: Tokens(u.prompt_tokens_details.cached_tokens),
+        completion: Tokens(u.completion_tokens),
+    }
+}
 
 #[derive(Debug)]
 pub enum Piece {
@@ -55,6 +73,11 @@ impl TextOutput {
             completion_tokens: 0,
             pending: VecDeque::new(),
         }
+    }
+
+    /// (prompt, completion) tokens so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.prompt_tokens, self.completion_tokens)
     }
 
     /// The next piece; `None` after `End` or `Error`.

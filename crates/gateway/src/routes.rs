@@ -1,29 +1,42 @@
 //! Routes and thin handlers.
 
+use crate::admin;
+use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
+use crate::limits::RateInfo;
+use crate::meter::{self, Meter};
 use crate::metrics::track;
-use crate::output::{Piece, TextOutput};
+use crate::output::{usage_of, Piece, Started, TextOutput};
 use crate::state::AppState;
 use crate::stream::{self, Kind};
 use crate::validate::{self, Spec};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{middleware, Json, Router};
+use axum::{middleware, Extension, Json, Router};
 use tokenfab_api::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
     CompletionChoice, CompletionRequest, Model, ModelList,
 };
 use tokenfab_engine::{Band, GenerateRequest, Slo};
+use tokenfab_ledger::Outcome;
 use tokenfab_types::{ErrorCode, TenantId, TokenId, Tokens};
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/usage", get(admin::own_usage))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .merge(v1)
+        .merge(admin::routes(state.clone()))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -86,43 +99,89 @@ async fn models(State(s): State<AppState>) -> Json<ModelList> {
     })
 }
 
-fn band(headers: &HeaderMap) -> Result<Band, ApiError> {
-    match headers.get("x-tokenfab-priority") {
-        None => Ok(Band::Standard),
-        Some(v) => v.to_str().ok().and_then(Band::parse).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidRequest,
-                "x-tokenfab-priority must be one of: interactive, standard, batch",
-            )
-        }),
+/// The band a request runs in: the `x-tokenfab-priority` header, else the key's default.
+/// A header may lower a key's priority, never raise it.
+fn band(headers: &HeaderMap, caller: &Caller) -> Result<Band, ApiError> {
+    let default = caller.0.as_ref().map_or(Band::Standard, |k| k.priority);
+    let Some(v) = headers.get("x-tokenfab-priority") else {
+        return Ok(default);
+    };
+    let asked = v.to_str().ok().and_then(Band::parse).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            "x-tokenfab-priority must be one of: interactive, standard, batch",
+        )
+    })?;
+    if caller.0.is_some() && asked < default {
+        return Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "This key may use priority `{}` at most; `{}` was asked.",
+                default.as_str(),
+                asked.as_str()
+            ),
+        ));
+    }
+    Ok(asked)
+}
+
+/// `x-tokenfab-cache-scope: NAME` opts into a prefix cache shared by every tenant that
+/// names the same scope; without it, cached prefixes stay private to the tenant.
+fn cache_scope(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("x-tokenfab-cache-scope") else {
+        return Ok(None);
+    };
+    let ok = |s: &str| {
+        (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    match v.to_str() {
+        Ok(s) if ok(s) => Ok(Some(s.to_owned())),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "x-tokenfab-cache-scope must be 1-64 characters of [A-Za-z0-9._-]",
+        )),
     }
 }
 
-/// Submit and wait for the first piece, so that a rejection becomes an HTTP status
-/// instead of an error inside a 200 stream.
+/// Admit (limits, budget), submit, and wait for the first piece, so that a rejection
+/// becomes an HTTP status instead of an error inside a 200 stream.
 async fn start(
     s: &AppState,
     headers: &HeaderMap,
+    caller: &Caller,
+    request_id: &str,
     prompt: Vec<TokenId>,
     spec: &Spec,
-) -> Result<(TextOutput, Piece), ApiError> {
-    let band = band(headers)?;
+) -> Result<Started, ApiError> {
+    let band = band(headers, caller)?;
+    let cache_scope = cache_scope(headers)?;
     let prompt_tokens = prompt.len() as u64;
     let ctx = s.engine.capacity().max_seq_tokens;
     let max_new = spec
         .max_tokens
         .unwrap_or_else(|| ctx.saturating_sub(prompt_tokens).max(1));
-    let generation = s.engine.submit(GenerateRequest {
-        tenant: TenantId::local(),
+    let mut meter = meter::admit(s, caller.0.as_ref(), request_id, prompt_tokens, max_new).await?;
+    let (tenant, weight) = caller
+        .0
+        .as_ref()
+        .map_or((TenantId::local(), 1), |k| (k.tenant.clone(), k.weight));
+    let submitted = s.engine.submit(GenerateRequest {
+        tenant,
         band,
-        weight: 1,
+        weight,
         prompt,
         max_new: Tokens(max_new),
         seed: spec.seed,
         sampling: spec.sampling.clone(),
         slo: Slo::default(),
-        cache_scope: None,
-    })?;
+        cache_scope,
+    });
+    let generation = match submitted {
+        Ok(g) => g,
+        Err(e) => return Err(fail(&mut meter, e.into()).await),
+    };
     let mut out = TextOutput::new(
         generation,
         s.tokenizer.clone(),
@@ -130,17 +189,35 @@ async fn start(
         prompt_tokens,
     );
     match out.next().await {
-        Some(Piece::Error(e)) => Err(e),
-        Some(first) => Ok((out, first)),
-        None => Err(ApiError::new(ErrorCode::Internal, "empty generation")),
+        Some(Piece::Error(e)) => Err(fail(&mut meter, e).await),
+        Some(first) => Ok(Started { out, first, meter }),
+        None => Err(fail(
+            &mut meter,
+            ApiError::new(ErrorCode::Internal, "empty generation"),
+        )
+        .await),
     }
 }
 
-/// Collect a whole generation: (text, finish_reason, usage).
+/// End a request that failed after admission: bill what was served, return the error
+/// (or the ledger's, if settling failed).
+async fn fail(meter: &mut Meter, e: ApiError) -> ApiError {
+    let served = meter.usage();
+    match meter.finish(served, Outcome::Failed).await {
+        Ok(()) => e,
+        Err(le) => le,
+    }
+}
+
+/// Collect a whole generation and settle it: (text, finish_reason, usage).
 async fn collect(
-    mut out: TextOutput,
-    first: Piece,
-) -> Result<(String, &'static str, tokenfab_api::Usage), ApiError> {
+    started: Started,
+) -> Result<(String, &'static str, tokenfab_api::Usage, Meter), ApiError> {
+    let Started {
+        mut out,
+        first,
+        mut meter,
+    } = started;
     let mut text = String::new();
     let mut piece = Some(first);
     while let Some(p) = piece {
@@ -149,19 +226,39 @@ async fn collect(
             Piece::End {
                 finish_reason,
                 usage,
-            } => return Ok((text, finish_reason, usage)),
-            Piece::Error(e) => return Err(e),
+            } => {
+                meter.finish(usage_of(&usage), Outcome::Completed).await?;
+                return Ok((text, finish_reason, usage, meter));
+            }
+            Piece::Error(e) => {
+                let (prompt, completion) = out.counts();
+                let _ = meter.progress(prompt, completion).await;
+                return Err(fail(&mut meter, e).await);
+            }
         }
         piece = out.next().await;
     }
-    Err(ApiError::new(
-        ErrorCode::Internal,
-        "generation ended without a result",
-    ))
+    Err(fail(
+        &mut meter,
+        ApiError::new(ErrorCode::Internal, "generation ended without a result"),
+    )
+    .await)
+}
+
+/// Rate-limit headers and the request id on a successful response.
+fn decorate(mut resp: Response, rate: Option<&RateInfo>, request_id: &str) -> Response {
+    if let Some(rate) = rate {
+        rate.write(resp.headers_mut());
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }
 
 async fn chat(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
@@ -171,21 +268,22 @@ async fn chat(
         .render_chat(&turns)
         .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))?;
     let prompt = s.tokenizer.encode(&text);
-    let (out, first) = start(&s, &headers, prompt, &spec).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
     if spec.stream {
-        return Ok(stream::sse(
+        let rate = started.meter.rate.clone();
+        let resp = stream::sse(
             Kind::Chat,
-            id,
+            id.clone(),
             s.model.clone(),
             spec.include_usage,
-            out,
-            first,
-        ));
+            started,
+        );
+        return Ok(decorate(resp, rate.as_ref(), &id));
     }
-    let (content, finish_reason, usage) = collect(out, first).await?;
-    Ok(Json(ChatCompletion {
-        id,
+    let (content, finish_reason, usage, meter) = collect(started).await?;
+    let resp = Json(ChatCompletion {
+        id: id.clone(),
         object: "chat.completion".into(),
         created: stream::unix_now(),
         model: s.model.clone(),
@@ -200,31 +298,34 @@ async fn chat(
         }],
         usage,
     })
-    .into_response())
+    .into_response();
+    Ok(decorate(resp, meter.rate.as_ref(), &id))
 }
 
 async fn completions(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (text, spec) = validate::completion(&req, &s.model)?;
     let prompt = s.tokenizer.encode(&text);
-    let (out, first) = start(&s, &headers, prompt, &spec).await?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
     if spec.stream {
-        return Ok(stream::sse(
+        let rate = started.meter.rate.clone();
+        let resp = stream::sse(
             Kind::Text,
-            id,
+            id.clone(),
             s.model.clone(),
             spec.include_usage,
-            out,
-            first,
-        ));
+            started,
+        );
+        return Ok(decorate(resp, rate.as_ref(), &id));
     }
-    let (text, finish_reason, usage) = collect(out, first).await?;
-    Ok(Json(Completion {
-        id,
+    let (text, finish_reason, usage, meter) = collect(started).await?;
+    let resp = Json(Completion {
+        id: id.clone(),
         object: "text_completion".into(),
         created: stream::unix_now(),
         model: s.model.clone(),
@@ -236,5 +337,6 @@ async fn completions(
         }],
         usage: Some(usage),
     })
-    .into_response())
+    .into_response();
+    Ok(decorate(resp, meter.rate.as_ref(), &id))
 }

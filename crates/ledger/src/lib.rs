@@ -17,8 +17,8 @@ mod usage;
 
 pub use memory::MemoryStore;
 pub use model::{
-    utc_day, AttemptId, GroupBy, KeyRecord, KeySpec, Outcome, Recovery, Reservation, Settled,
-    Settlement, TokenUsage, UsageQuery, UsageRow,
+    parse_day, parse_since, utc_day, AttemptId, GroupBy, KeyRecord, KeySpec, Outcome, Recovery,
+    Reservation, Settled, Settlement, TokenUsage, UsageQuery, UsageRow,
 };
 pub use price::Price;
 pub use sql::{Dialect, SqlStore};
@@ -46,6 +46,34 @@ pub fn new_key(spec: &KeySpec, now: i64, rng: &mut impl rand::RngCore) -> (KeyRe
         revoked: false,
     };
     (rec, s.text)
+}
+
+/// Issue a key: store it and return the record and the secret text to show once.
+pub async fn issue_key(
+    store: &dyn LedgerStore,
+    spec: &KeySpec,
+    now: i64,
+) -> Result<(KeyRecord, String)> {
+    let (rec, text) = new_key(spec, now, &mut rand::thread_rng());
+    store.create_key(&rec).await?;
+    Ok((rec, text))
+}
+
+/// Give a live key a new secret (the old one stops working); the new secret text, or
+/// `None` when there is no such live key.
+pub async fn rotate_key(store: &dyn LedgerStore, id: &str) -> Result<Option<String>> {
+    let s = secret::regenerate(id, &mut rand::thread_rng());
+    Ok(store.rotate_key(id, s.hash).await?.then_some(s.text))
+}
+
+/// USD as written by people (`--budget-usd 12.5`) → nano-USD.
+pub fn usd(v: f64) -> std::result::Result<NanoUsd, String> {
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+        return Err(format!(
+            "an amount in USD must be between 0 and 1e9, got {v}"
+        ));
+    }
+    Ok(NanoUsd((v * 1e9).round() as u64))
 }
 
 /// Open the store a `--ledger` value names: `memory`, `postgres://…`, or a SQLite path.

@@ -237,9 +237,46 @@ pub fn utc_day(unix: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// Unix seconds at 00:00 UTC of a `YYYY-MM-DD` day; `None` if it is not a real date.
+pub fn parse_day(s: &str) -> Option<i64> {
+    let mut it = s.splitn(3, '-');
+    let y: i64 = it.next()?.parse().ok()?;
+    let m: i64 = it.next()?.parse().ok()?;
+    let d: i64 = it.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || s.len() != 10 {
+        return None;
+    }
+    // Days-from-civil (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let unix = (era * 146_097 + doe - 719_468) * 86_400;
+    // Reject days that do not exist (2026-02-30): they do not round-trip.
+    (utc_day(unix) == s).then_some(unix)
+}
+
+/// What `--since` / `?since=` accept: a `YYYY-MM-DD` day (UTC) or unix seconds.
+pub fn parse_since(s: &str) -> Option<i64> {
+    parse_day(s).or_else(|| s.parse::<i64>().ok().filter(|v| *v >= 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn days_round_trip() {
+        assert_eq!(parse_day("2026-11-23"), Some(1_795_392_000));
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        assert_eq!(parse_day("2000-02-29"), Some(951_782_400));
+        assert_eq!(parse_day("2026-02-30"), None);
+        assert_eq!(parse_day("2026-1-3"), None);
+        assert_eq!(parse_since("1795392000"), Some(1_795_392_000));
+        assert_eq!(parse_since("yesterday"), None);
+    }
 
     #[test]
     fn utc_days() {

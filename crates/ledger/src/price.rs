@@ -22,14 +22,7 @@ impl Price {
     /// From USD per million tokens as written in config (`0.15`). Rounded to the nano-USD;
     /// negative or non-finite values are refused.
     pub fn from_usd_per_mtok(prompt: f64, cached: f64, completion: f64) -> Result<Price, String> {
-        let conv = |what: &str, usd: f64| {
-            if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
-                return Err(format!(
-                    "{what} price must be a non-negative number of USD per 1M tokens, got {usd}"
-                ));
-            }
-            Ok(NanoUsd((usd * 1e9).round() as u64))
-        };
+        let conv = |what: &str, v: f64| crate::usd(v).map_err(|e| format!("{what} price: {e}"));
         Ok(Price {
             prompt: conv("prompt", prompt)?,
             cached: conv("cached", cached)?,

@@ -25,12 +25,16 @@ pub fn config() -> Config {
     c.model.kv_tokens = 4096;
     c.model.slots = 8;
     c.model.threads = 2;
+    // Each test server gets its own throwaway ledger; never the user's SQLite file.
+    c.gateway.ledger = "memory".into();
     c
 }
 
 /// Start a server with `cfg` on a free port; returns its base URL.
 pub async fn serve(cfg: Config) -> String {
-    let app = tokenfab::serve::build_with_model(&cfg, model()).expect("build app");
+    let app = tokenfab::serve::build_with_model(&cfg, model())
+        .await
+        .expect("build app");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -1,0 +1,164 @@
+//! Admission and metering of one request: authenticate, take rate limits, reserve budget
+//! (TRY), and later confirm or cancel exactly once.
+//!
+//! A [`Meter`] is the request's held resources. Ending it is explicit on the normal and
+//! failure paths ([`Meter::finish`], awaited before the response or the stream's final
+//! event is released, so the usage row is durable first); when the request is dropped
+//! instead (client disconnect), `Drop` settles what was served so far on a tracked task that
+//! graceful shutdown waits for. A crash leaves the reservation open with its recorded
+//! progress; the next start of the same node resolves it.
+
+use crate::error::ApiError;
+use crate::limits::{Limiter, RateInfo};
+use crate::state::AppState;
+use std::sync::Arc;
+use tokenfab_ledger::{
+    AttemptId, KeyRecord, LedgerError, LedgerStore, Outcome, Reservation, Settlement, TokenUsage,
+};
+use tokenfab_types::{ErrorCode, Tokens};
+use tokio_util::task::TaskTracker;
+
+pub struct Meter {
+    ledger: Option<(Arc<dyn LedgerStore>, AttemptId)>,
+    limit: Option<(Arc<Limiter>, String, u64)>,
+    tracker: TaskTracker,
+    usage: TokenUsage,
+    ended: bool,
+    /// For the `x-ratelimit-*` headers of the response.
+    pub rate: Option<RateInfo>,
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Take limits and reserve budget for a request of `prompt` tokens and at most
+/// `max_completion` new ones, billed as `model`.
+pub async fn admit(
+    s: &AppState,
+    key: Option<&KeyRecord>,
+    request_id: &str,
+    prompt: u64,
+    max_completion: u64,
+) -> Result<Meter, ApiError> {
+    let mut meter = Meter {
+        ledger: None,
+        limit: None,
+        tracker: s.tracker.clone(),
+        usage: TokenUsage::default(),
+        ended: false,
+        rate: None,
+    };
+    let Some(key) = key else {
+        return Ok(meter);
+    };
+    let tokens = prompt + max_completion;
+    meter.rate = Some(s.limiter.acquire(key, tokens, std::time::Instant::now())?);
+    meter.limit = Some((s.limiter.clone(), key.id.clone(), tokens));
+    let r = Reservation {
+        id: AttemptId::new(request_id, 0),
+        node: s.config.node.clone(),
+        key_id: key.id.clone(),
+        tenant: key.tenant.clone(),
+        model: s.model.clone(),
+        prompt: Tokens(prompt),
+        max_completion: Tokens(max_completion),
+        price: s.config.price,
+        now: unix_now(),
+    };
+    match s.ledger.reserve(&r).await {
+        Ok(()) => {
+            meter.ledger = Some((s.ledger.clone(), r.id));
+            Ok(meter)
+        }
+        Err(LedgerError::InsufficientBudget { needed, remaining }) => {
+            let mut e = ApiError::new(
+                ErrorCode::InsufficientQuota,
+                format!(
+                    "You exceeded your current quota: this request may cost up to ${:.9} \
+                     and ${:.9} of the key's budget remains.",
+                    needed.0 as f64 / 1e9,
+                    remaining.0 as f64 / 1e9
+                ),
+            );
+            e.rate = meter.rate.clone().map(Box::new);
+            Err(e)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Meter {
+    /// Record, durably, that `completion` tokens have been generated (before they are
+    /// released to the client), so a crash bills them.
+    pub async fn progress(&mut self, prompt: u64, completion: u64) -> Result<(), ApiError> {
+        self.usage.prompt = Tokens(prompt);
+        self.usage.completion = Tokens(completion);
+        if let Some((ledger, id)) = &self.ledger {
+            ledger.progress(id, self.usage).await?;
+        }
+        Ok(())
+    }
+
+    /// CONFIRM what was served (CANCEL when nothing was). Returns once durable.
+    pub async fn finish(&mut self, usage: TokenUsage, outcome: Outcome) -> Result<(), ApiError> {
+        self.usage = usage;
+        self.ended = true;
+        self.release_limits();
+        if let Some((ledger, id)) = self.ledger.take() {
+            let s = Settlement {
+                usage,
+                outcome,
+                now: unix_now(),
+            };
+            ledger.settle(&id, s).await?;
+        }
+        Ok(())
+    }
+
+    /// Usage recorded so far.
+    pub fn usage(&self) -> TokenUsage {
+        self.usage
+    }
+
+    fn release_limits(&mut self) {
+        if let Some((limiter, key, reserved)) = self.limit.take() {
+            let used = self.usage.prompt.0 + self.usage.completion.0;
+            limiter.release(&key, reserved.saturating_sub(used));
+        }
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.release_limits();
+        let Some((ledger, id)) = self.ledger.take() else {
+            return;
+        };
+        let s = Settlement {
+            usage: self.usage,
+            outcome: Outcome::Cancelled,
+            now: unix_now(),
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                self.tracker.spawn_on(
+                    async move {
+                        if let Err(e) = ledger.settle(&id, s).await {
+                            tracing::error!(request = %id.request_id, error = %e, "settling a cancelled request failed; it stays open until the next start recovers it");
+                        }
+                    },
+                    &rt,
+                );
+            }
+            Err(_) => {
+                tracing::error!(request = %id.request_id, "no runtime to settle a cancelled request; the next start recovers it")
+            }
+        }
+    }
+}
