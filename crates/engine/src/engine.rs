@@ -426,8 +426,8 @@ impl<E: Executor> Loop<E> {
             a.first_token.get_or_insert(now_i);
             a.last_token = Some(now_i);
             a.tokens.push(s.token);
-            if !s.eog {
-                let _ = a.tx.send(Event::Token(s.token));
+            if !s.eog && a.tx.send(Event::Token(s.token)).is_ok() {
+                self.metrics.delivered_tokens.inc();
             }
         }
         let prompt_tokens: u64 = plan

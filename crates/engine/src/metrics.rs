@@ -23,6 +23,7 @@ pub struct EngineMetrics {
     pub(crate) preemptions: IntCounter,
     pub(crate) prompt_tokens: IntCounter,
     pub(crate) generation_tokens: IntCounter,
+    pub(crate) delivered_tokens: IntCounter,
     pub(crate) rejected: IntCounter,
     pub(crate) success: IntCounterVec,
     pub(crate) ttft: Histogram,
@@ -83,6 +84,10 @@ impl EngineMetrics {
                 "vllm:generation_tokens_total",
                 "Tokens sampled.",
             ))?,
+            delivered_tokens: IntCounter::with_opts(opts(
+                "tokenfab_engine_delivered_tokens_total",
+                "Completion tokens handed to a live request (what the gateway bills; excludes end-of-generation tokens and tokens of requests already cancelled).",
+            ))?,
             rejected: IntCounter::with_opts(opts(
                 "tokenfab_engine_requests_rejected_total",
                 "Requests rejected or shed by admission.",
@@ -140,6 +145,7 @@ impl EngineMetrics {
         registry.register(Box::new(m.preemptions.clone()))?;
         registry.register(Box::new(m.prompt_tokens.clone()))?;
         registry.register(Box::new(m.generation_tokens.clone()))?;
+        registry.register(Box::new(m.delivered_tokens.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.success.clone()))?;
         registry.register(Box::new(m.ttft.clone()))?;

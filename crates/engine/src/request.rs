@@ -49,4 +49,18 @@ impl Generation {
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
     }
+
+    /// Stop the engine from delivering more, and count the tokens it had already
+    /// delivered but nobody read: with those, the caller knows exactly how many tokens the
+    /// request was handed.
+    pub fn close(&mut self) -> u64 {
+        self.rx.close();
+        let mut unread = 0;
+        while let Ok(ev) = self.rx.try_recv() {
+            if matches!(ev, Event::Token(_)) {
+                unread += 1;
+            }
+        }
+        unread
+    }
 }

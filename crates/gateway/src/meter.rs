@@ -102,6 +102,12 @@ impl Meter {
         Ok(())
     }
 
+    /// What was served, without writing it (a dropped request settles it on drop).
+    pub fn note_served(&mut self, prompt: u64, completion: u64) {
+        self.usage.prompt = Tokens(prompt);
+        self.usage.completion = Tokens(completion);
+    }
+
     /// CONFIRM what was served (CANCEL when nothing was). Returns once durable.
     pub async fn finish(&mut self, usage: TokenUsage, outcome: Outcome) -> Result<(), ApiError> {
         self.usage = usage;

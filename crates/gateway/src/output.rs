@@ -1,4 +1,8 @@
-//! A generation's tokens → text pieces: UTF-8 reassembly, stop strings, usage counting.
+//! A generation's tokens → text pieces: UTF-8 reassembly, stop strings, usage counting,
+//! and billing: the output owns the request's [`Meter`], so that every piece it hands out
+//! has been billed first (progress before text, the settlement before the end), and so
+//! that, when it is dropped early, the meter learns exactly how many tokens the engine had
+//! handed over (read or not) before it settles them.
 
 use crate::error::ApiError;
 use crate::meter::Meter;
@@ -7,14 +11,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use tokenfab_api::{PromptTokensDetails, Usage};
 use tokenfab_engine::{Event, FinishReason, Generation, Tokenizer, Utf8Stream};
-use tokenfab_ledger::TokenUsage;
+use tokenfab_ledger::{Outcome, TokenUsage};
 use tokenfab_types::{ErrorCode, Tokens};
 
-/// A request under way: its output, first piece, and held budget and limits.
+/// A request under way: its (metered) output and the first piece.
 pub struct Started {
     pub out: TextOutput,
     pub first: Piece,
-    pub meter: Meter,
 }
 
 /// The ledger's view of an OpenAI usage block.
@@ -44,6 +47,7 @@ pub struct TextOutput {
     prompt_tokens: u64,
     completion_tokens: u64,
     pending: VecDeque<Piece>,
+    meter: Meter,
 }
 
 fn usage(prompt: u64, cached: u64, completion: u64) -> Usage {
@@ -63,6 +67,7 @@ impl TextOutput {
         tokenizer: Arc<dyn Tokenizer>,
         stops: Vec<String>,
         prompt_tokens: u64,
+        meter: Meter,
     ) -> Self {
         TextOutput {
             generation: Some(generation),
@@ -72,16 +77,28 @@ impl TextOutput {
             prompt_tokens,
             completion_tokens: 0,
             pending: VecDeque::new(),
+            meter,
         }
     }
 
-    /// (prompt, completion) tokens so far.
-    pub fn counts(&self) -> (u64, u64) {
-        (self.prompt_tokens, self.completion_tokens)
+    pub fn meter(&self) -> &Meter {
+        &self.meter
     }
 
-    /// The next piece; `None` after `End` or `Error`.
+    /// The next piece, billed; `None` after `End` or `Error`.
     pub async fn next(&mut self) -> Option<Piece> {
+        let piece = self.next_unbilled().await?;
+        Some(match self.bill(&piece).await {
+            Ok(()) => piece,
+            Err(e) => {
+                self.close();
+                self.pending.clear();
+                Piece::Error(e)
+            }
+        })
+    }
+
+    async fn next_unbilled(&mut self) -> Option<Piece> {
         loop {
             if let Some(p) = self.pending.pop_front() {
                 return Some(p);
@@ -92,15 +109,42 @@ impl TextOutput {
         }
     }
 
+    /// The ledger holds what a piece bills before the piece is released.
+    async fn bill(&mut self, piece: &Piece) -> Result<(), ApiError> {
+        let (prompt, completion) = (self.prompt_tokens, self.completion_tokens);
+        match piece {
+            Piece::Text(_) => self.meter.progress(prompt, completion).await,
+            Piece::End { usage, .. } => {
+                self.meter.finish(usage_of(usage), Outcome::Completed).await
+            }
+            Piece::Error(_) => {
+                // Tokens handed over before the failure are billed.
+                let served = if completion > 0 {
+                    TokenUsage {
+                        prompt: Tokens(prompt),
+                        cached: Tokens(0),
+                        completion: Tokens(completion),
+                    }
+                } else {
+                    TokenUsage::default()
+                };
+                self.meter.finish(served, Outcome::Failed).await
+            }
+        }
+    }
+
     fn text(&mut self, t: String) {
         if !t.is_empty() {
             self.pending.push_back(Piece::Text(t));
         }
     }
 
-    /// Stop generating: dropping the generation cancels it in the engine.
+    /// Stop generating (dropping the generation cancels it in the engine), counting the
+    /// tokens the engine had already handed over.
     fn close(&mut self) {
-        self.generation = None;
+        if let Some(mut g) = self.generation.take() {
+            self.completion_tokens += g.close();
+        }
     }
 
     fn on_event(&mut self, event: Option<Event>) {
@@ -146,6 +190,18 @@ impl TextOutput {
                     "the engine stopped before the generation finished",
                 )));
             }
+        }
+    }
+}
+
+impl Drop for TextOutput {
+    /// Dropped before the end (client gone): tell the meter exactly what was handed over,
+    /// so the settlement its own drop makes bills that.
+    fn drop(&mut self) {
+        self.close();
+        if self.completion_tokens > 0 {
+            self.meter
+                .note_served(self.prompt_tokens, self.completion_tokens);
         }
     }
 }

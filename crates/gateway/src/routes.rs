@@ -7,7 +7,7 @@ use crate::extract::ApiJson;
 use crate::limits::RateInfo;
 use crate::meter::{self, Meter};
 use crate::metrics::track;
-use crate::output::{usage_of, Piece, Started, TextOutput};
+use crate::output::{Piece, Started, TextOutput};
 use crate::state::AppState;
 use crate::stream::{self, Kind};
 use crate::validate::{self, Spec};
@@ -187,15 +187,13 @@ async fn start(
         s.tokenizer.clone(),
         spec.stop.clone(),
         prompt_tokens,
+        meter,
     );
+    // Pieces come billed: an error here has already been settled.
     match out.next().await {
-        Some(Piece::Error(e)) => Err(fail(&mut meter, e).await),
-        Some(first) => Ok(Started { out, first, meter }),
-        None => Err(fail(
-            &mut meter,
-            ApiError::new(ErrorCode::Internal, "empty generation"),
-        )
-        .await),
+        Some(Piece::Error(e)) => Err(e),
+        Some(first) => Ok(Started { out, first }),
+        None => Err(ApiError::new(ErrorCode::Internal, "empty generation")),
     }
 }
 
@@ -209,15 +207,11 @@ async fn fail(meter: &mut Meter, e: ApiError) -> ApiError {
     }
 }
 
-/// Collect a whole generation and settle it: (text, finish_reason, usage).
+/// Collect a whole (billed) generation: (text, finish_reason, usage, rate limits).
 async fn collect(
     started: Started,
-) -> Result<(String, &'static str, tokenfab_api::Usage, Meter), ApiError> {
-    let Started {
-        mut out,
-        first,
-        mut meter,
-    } = started;
+) -> Result<(String, &'static str, tokenfab_api::Usage, Option<RateInfo>), ApiError> {
+    let Started { mut out, first } = started;
     let mut text = String::new();
     let mut piece = Some(first);
     while let Some(p) = piece {
@@ -226,23 +220,15 @@ async fn collect(
             Piece::End {
                 finish_reason,
                 usage,
-            } => {
-                meter.finish(usage_of(&usage), Outcome::Completed).await?;
-                return Ok((text, finish_reason, usage, meter));
-            }
-            Piece::Error(e) => {
-                let (prompt, completion) = out.counts();
-                let _ = meter.progress(prompt, completion).await;
-                return Err(fail(&mut meter, e).await);
-            }
+            } => return Ok((text, finish_reason, usage, out.meter().rate.clone())),
+            Piece::Error(e) => return Err(e),
         }
         piece = out.next().await;
     }
-    Err(fail(
-        &mut meter,
-        ApiError::new(ErrorCode::Internal, "generation ended without a result"),
-    )
-    .await)
+    Err(ApiError::new(
+        ErrorCode::Internal,
+        "generation ended without a result",
+    ))
 }
 
 /// Rate-limit headers and the request id on a successful response.
@@ -271,7 +257,7 @@ async fn chat(
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
     if spec.stream {
-        let rate = started.meter.rate.clone();
+        let rate = started.out.meter().rate.clone();
         let resp = stream::sse(
             Kind::Chat,
             id.clone(),
@@ -281,7 +267,7 @@ async fn chat(
         );
         return Ok(decorate(resp, rate.as_ref(), &id));
     }
-    let (content, finish_reason, usage, meter) = collect(started).await?;
+    let (content, finish_reason, usage, rate) = collect(started).await?;
     let resp = Json(ChatCompletion {
         id: id.clone(),
         object: "chat.completion".into(),
@@ -299,7 +285,7 @@ async fn chat(
         usage,
     })
     .into_response();
-    Ok(decorate(resp, meter.rate.as_ref(), &id))
+    Ok(decorate(resp, rate.as_ref(), &id))
 }
 
 async fn completions(
@@ -313,7 +299,7 @@ async fn completions(
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
     if spec.stream {
-        let rate = started.meter.rate.clone();
+        let rate = started.out.meter().rate.clone();
         let resp = stream::sse(
             Kind::Text,
             id.clone(),
@@ -323,7 +309,7 @@ async fn completions(
         );
         return Ok(decorate(resp, rate.as_ref(), &id));
     }
-    let (text, finish_reason, usage, meter) = collect(started).await?;
+    let (text, finish_reason, usage, rate) = collect(started).await?;
     let resp = Json(Completion {
         id: id.clone(),
         object: "text_completion".into(),
@@ -338,5 +324,5 @@ async fn completions(
         usage: Some(usage),
     })
     .into_response();
-    Ok(decorate(resp, meter.rate.as_ref(), &id))
+    Ok(decorate(resp, rate.as_ref(), &id))
 }

@@ -1,8 +1,6 @@
 //! Server-sent events for streamed completions, in OpenAI's chunk format.
 
-use crate::error::ApiError;
-use crate::meter::Meter;
-use crate::output::{usage_of, Piece, Started, TextOutput};
+use crate::output::{Piece, Started};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream;
@@ -10,7 +8,6 @@ use std::convert::Infallible;
 use tokenfab_api::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice, Usage,
 };
-use tokenfab_ledger::Outcome;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -107,30 +104,10 @@ enum Phase {
     Done,
 }
 
-/// The ledger must hold what a piece bills before the piece is released: progress before
-/// text, the settlement before the final event. `None` when the ledger failed (the error
-/// event to send instead).
-async fn bill(meter: &mut Meter, out: &TextOutput, piece: &Piece) -> Option<ApiError> {
-    let r = match piece {
-        Piece::Text(_) => {
-            let (prompt, completion) = out.counts();
-            meter.progress(prompt, completion).await
-        }
-        Piece::End { usage, .. } => meter.finish(usage_of(usage), Outcome::Completed).await,
-        Piece::Error(_) => {
-            let (prompt, completion) = out.counts();
-            let _ = meter.progress(prompt, completion).await;
-            let served = meter.usage();
-            meter.finish(served, Outcome::Failed).await
-        }
-    };
-    r.err()
-}
-
 /// Stream a started request as SSE. Its first piece was already read (so errors before
-/// the first token were answered with a status instead). Dropping the response body
-/// (client gone) drops the output, which cancels the generation in the engine, and the
-/// meter, which bills what was served.
+/// the first token were answered with a status instead). Every piece was billed before the
+/// output handed it over. Dropping the response body (client gone) drops the output, which
+/// cancels the generation in the engine and bills what was served.
 pub fn sse(
     kind: Kind,
     id: String,
@@ -138,7 +115,7 @@ pub fn sse(
     include_usage: bool,
     started: Started,
 ) -> Response {
-    let Started { out, first, meter } = started;
+    let Started { out, first } = started;
     let c = Chunker {
         kind,
         id,
@@ -158,17 +135,14 @@ pub fn sse(
         ));
     }
     let events = stream::unfold(
-        (c, out, meter, Phase::Start(first)),
-        |(c, mut out, mut meter, phase)| async move {
+        (c, out, Phase::Start(first)),
+        |(c, mut out, phase)| async move {
             let piece = match phase {
                 Phase::Done => return None,
                 Phase::Start(p) => p,
                 Phase::Next => out.next().await?,
             };
-            if let Some(e) = bill(&mut meter, &out, &piece).await {
-                let ev = Chunker::json(&e.body());
-                return Some((vec![ev], (c, out, meter, Phase::Done)));
-            }
+
             let batch: Vec<Event> = match piece {
                 Piece::Text(t) => vec![c.text(t)],
                 Piece::End {
@@ -180,15 +154,15 @@ pub fn sse(
                         v.push(c.usage(usage));
                     }
                     v.push(Event::default().data("[DONE]"));
-                    return Some((v, (c, out, meter, Phase::Done)));
+                    return Some((v, (c, out, Phase::Done)));
                 }
                 // A failure after the stream started: an error event, never a normal end.
                 Piece::Error(e) => {
                     let ev = Chunker::json(&e.body());
-                    return Some((vec![ev], (c, out, meter, Phase::Done)));
+                    return Some((vec![ev], (c, out, Phase::Done)));
                 }
             };
-            Some((batch, (c, out, meter, Phase::Next)))
+            Some((batch, (c, out, Phase::Next)))
         },
     );
     let flat = futures::StreamExt::flat_map(events, |v| {

@@ -1,0 +1,481 @@
+//! The multi-tenant gateway over a real engine: keys, limits, budgets, usage, isolation,
+//! and ledger parity with what the engine handed out.
+
+mod common;
+
+use common::{chat_body, client, config, serve, MODEL};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokenfab::config::{Config, PriceConfig};
+
+const ADMIN: &str = "test-admin-key-0123456789";
+
+fn keyed(mut c: Config) -> Config {
+    c.gateway.admin_key = ADMIN.into();
+    c
+}
+
+/// A price on prompt tokens only, so a request's cost is known before it runs and equals
+/// its reservation (1 USD per million prompt tokens = 1,000 nano-USD per token).
+fn prompt_priced(mut c: Config) -> Config {
+    c.prices.insert(
+        MODEL.into(),
+        PriceConfig {
+            prompt_usd_per_mtok: 1.0,
+            cached_usd_per_mtok: 1.0,
+            completion_usd_per_mtok: 0.0,
+        },
+    );
+    c
+}
+
+async fn create_key(url: &str, spec: Value) -> (String, String) {
+    let r = client()
+        .post(format!("{url}/admin/v1/keys"))
+        .bearer_auth(ADMIN)
+        .json(&spec)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 201, "create key");
+    let v: Value = r.json().await.expect("json");
+    (
+        v["id"].as_str().expect("id").to_owned(),
+        v["key"].as_str().expect("key").to_owned(),
+    )
+}
+
+async fn call(
+    url: &str,
+    key: Option<&str>,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    for (h, v) in headers {
+        req = req.header(*h, *v);
+    }
+    req.send().await.expect("send")
+}
+
+async fn get(url: &str, path: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = client().get(format!("{url}{path}"));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn short(extra: Value) -> Value {
+    let mut e = json!({"max_tokens": 2, "temperature": 0});
+    if let (Some(o), Some(x)) = (e.as_object_mut(), extra.as_object()) {
+        for (k, v) in x {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    chat_body("Say hi.", e)
+}
+
+fn code(v: &Value) -> String {
+    v["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_and_limits_refuse_with_documented_statuses() {
+    let mut cfg = keyed(prompt_priced(config()));
+    cfg.server.max_body_bytes = 64 << 10;
+    let url = serve(cfg).await;
+    let (_, good) = create_key(&url, json!({"tenant": "acme"})).await;
+    let (revoked_id, revoked) = create_key(&url, json!({"tenant": "acme"})).await;
+    let (_, rpm) = create_key(&url, json!({"tenant": "acme", "rpm": 2})).await;
+    let (_, tpm) = create_key(&url, json!({"tenant": "acme", "tpm": 200})).await;
+    let (_, conc) = create_key(&url, json!({"tenant": "acme", "max_concurrency": 1})).await;
+    let (_, poor) = create_key(&url, json!({"tenant": "acme", "budget_usd": 0.000001})).await;
+    let (_, batch) = create_key(&url, json!({"tenant": "acme", "priority": "batch"})).await;
+    let r = client()
+        .delete(format!("{url}/admin/v1/keys/{revoked_id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status().as_u16(), 200);
+
+    let ok = call(&url, Some(&good), &short(json!({})), &[]).await;
+    assert_eq!(ok.status().as_u16(), 200, "a good key works");
+    assert!(ok.headers().contains_key("x-request-id"));
+
+    let wrong_secret = format!("{}0", &good[..good.len() - 1]);
+    let wrong_secret = if wrong_secret == good {
+        format!("{}1", &good[..good.len() - 1])
+    } else {
+        wrong_secret
+    };
+    let cases: Vec<(&str, Option<&str>, Value, Vec<(&str, &str)>, u16, &str)> = vec![
+        (
+            "missing key",
+            None,
+            short(json!({})),
+            vec![],
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "wrong secret",
+            Some(&wrong_secret),
+            short(json!({})),
+            vec![],
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "not a key",
+            Some("sk-something"),
+            short(json!({})),
+            vec![],
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "revoked key",
+            Some(&revoked),
+            short(json!({})),
+            vec![],
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "over budget",
+            Some(&poor),
+            short(json!({})),
+            vec![],
+            429,
+            "insufficient_quota",
+        ),
+        (
+            "over TPM in one request",
+            Some(&tpm),
+            short(json!({"max_tokens": 500})),
+            vec![],
+            429,
+            "rate_limit_exceeded",
+        ),
+        (
+            "priority above the key's",
+            Some(&batch),
+            short(json!({})),
+            vec![("x-tokenfab-priority", "interactive")],
+            403,
+            "permission_denied",
+        ),
+        (
+            "bad cache scope",
+            Some(&good),
+            short(json!({})),
+            vec![("x-tokenfab-cache-scope", "no spaces")],
+            400,
+            "",
+        ),
+    ];
+    for (what, key, body, headers, status, want) in cases {
+        let r = call(&url, key, &body, &headers).await;
+        assert_eq!(r.status().as_u16(), status, "{what}");
+        let v: Value = r.json().await.expect("error envelope");
+        assert!(v["error"]["message"].as_str().is_some(), "{what}: {v}");
+        if !want.is_empty() {
+            assert_eq!(code(&v), want, "{what}: {v}");
+        }
+    }
+    // Over RPM: two pass, the third is refused with OpenAI's headers.
+    for _ in 0..2 {
+        assert_eq!(
+            call(&url, Some(&rpm), &short(json!({})), &[])
+                .await
+                .status(),
+            200
+        );
+    }
+    let r = call(&url, Some(&rpm), &short(json!({})), &[]).await;
+    assert_eq!(r.status().as_u16(), 429, "third request within a minute");
+    for h in [
+        "retry-after",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ] {
+        assert!(r.headers().contains_key(h), "missing {h}");
+    }
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(code(&r.json().await.expect("json")), "rate_limit_exceeded");
+    // Over concurrency: hold one stream open, the second is refused.
+    let held = call(
+        &url,
+        Some(&conc),
+        &chat_body(
+            "Count to fifty.",
+            json!({"max_tokens": 200, "stream": true}),
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(held.status(), 200);
+    let r = call(&url, Some(&conc), &short(json!({})), &[]).await;
+    assert_eq!(r.status().as_u16(), 429, "second concurrent request");
+    drop(held);
+    // Malformed JSON and an oversized body with a good key.
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&good)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(code(&r.json().await.expect("json")), "invalid_json");
+    let big = chat_body(&"x".repeat(100 << 10), json!({}));
+    let r = call(&url, Some(&good), &big, &[]).await;
+    assert_eq!(r.status().as_u16(), 413);
+    // Unauthenticated body errors never leak past auth: no key → 401 even for bad JSON.
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    // Admin routes: a tenant key is forbidden, no key is unauthorised.
+    assert_eq!(get(&url, "/admin/v1/keys", Some(&good)).await.0, 403);
+    assert_eq!(get(&url, "/admin/v1/keys", None).await.0, 401);
+    let (s, v) = get(&url, "/admin/v1/keys?tenant=acme", Some(ADMIN)).await;
+    assert_eq!(s, 200);
+    let listed = v["data"].as_array().expect("list");
+    assert_eq!(listed.len(), 7);
+    assert!(
+        listed
+            .iter()
+            .all(|k| k.get("key").is_none() && k.get("hash").is_none()),
+        "secrets never listed"
+    );
+    let (s, v) = get(&url, "/admin/v1/usage?group_by=week", Some(ADMIN)).await;
+    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("group_by")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotation_and_admin_api_disabled_without_admin_key() {
+    let url = serve(keyed(config())).await;
+    let (id, old) = create_key(&url, json!({"tenant": "rot"})).await;
+    let r = client()
+        .post(format!("{url}/admin/v1/keys/{id}/rotate"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("rotate");
+    let new = r.json::<Value>().await.expect("json")["key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    assert_eq!(
+        call(&url, Some(&old), &short(json!({})), &[])
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        call(&url, Some(&new), &short(json!({})), &[])
+            .await
+            .status(),
+        200
+    );
+    let open = serve(config()).await;
+    assert_eq!(get(&open, "/admin/v1/keys", Some(ADMIN)).await.0, 404);
+    assert_eq!(get(&open, "/admin/v1/usage", None).await.0, 404);
+}
+
+/// A budget covering exactly 20 requests, 1,000 concurrent requests, the durable SQLite
+/// ledger: exactly 20 succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budget_race_admits_exactly_what_the_budget_covers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = keyed(prompt_priced(config()));
+    cfg.gateway.ledger = dir.path().join("ledger.db").display().to_string();
+    cfg.scheduler.max_waiting = 2000;
+    let url = serve(cfg).await;
+    let (_, probe) = create_key(&url, json!({"tenant": "probe"})).await;
+    let r = call(&url, Some(&probe), &short(json!({"max_tokens": 1})), &[]).await;
+    let prompt = r.json::<Value>().await.expect("json")["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt tokens");
+    // 1,000 nano-USD per prompt token; USD with nine decimals is exact.
+    let budget = 20.0 * prompt as f64 * 1e-6;
+    let (key_id, key) = create_key(&url, json!({"tenant": "race", "budget_usd": budget})).await;
+    let body = short(json!({"max_tokens": 1}));
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let (url, key, body) = (url.clone(), key.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = call(&url, Some(&key), &body, &[]).await;
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, code(&v))
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            (200, _) => ok += 1,
+            (429, c) if c == "insufficient_quota" => {}
+            other => panic!("unexpected answer in the race: {other:?}"),
+        }
+    }
+    assert_eq!(ok, 20, "exactly the budgeted number of requests succeed");
+    let (_, v) = get(&url, "/admin/v1/keys?tenant=race", Some(ADMIN)).await;
+    let k = &v["data"][0];
+    assert_eq!(k["id"], key_id);
+    assert_eq!(
+        k["spent"], k["budget"],
+        "the whole budget is spent, not more"
+    );
+    assert_eq!(k["reserved"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_are_isolated_in_usage_and_prefix_cache() {
+    let url = serve(keyed(config())).await;
+    let (_, a) = create_key(&url, json!({"tenant": "tenant-a"})).await;
+    let (_, b) = create_key(&url, json!({"tenant": "tenant-b"})).await;
+    let system = "You are the harbour master of a small island. ".repeat(30);
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": "When is high tide?"}],
+        "max_tokens": 2, "temperature": 0,
+    });
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    let first: Value = call(&url, Some(&a), &body, &[])
+        .await
+        .json()
+        .await
+        .expect("json");
+    let again: Value = call(&url, Some(&a), &body, &[])
+        .await
+        .json()
+        .await
+        .expect("json");
+    let other: Value = call(&url, Some(&b), &body, &[])
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(cached(&first), Some(0));
+    assert!(
+        cached(&again) > Some(256),
+        "tenant A reuses its own prefix: {again}"
+    );
+    assert_eq!(
+        cached(&other),
+        Some(0),
+        "tenant B learns nothing of A's cache"
+    );
+    // Both opt into one shared scope: B now reuses what A computed there.
+    let shared = [("x-tokenfab-cache-scope", "harbour")];
+    let _: Value = call(&url, Some(&a), &body, &shared)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let hit: Value = call(&url, Some(&b), &body, &shared)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(cached(&hit) > Some(256), "shared scope: {hit}");
+    // Usage: each key sees its own tenant only.
+    let (s, v) = get(&url, "/v1/usage?group_by=tenant", Some(&a)).await;
+    assert_eq!(s, 200);
+    let groups: Vec<&str> = v["data"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["group"].as_str())
+        .collect();
+    assert_eq!(groups, vec!["tenant-a"]);
+    assert_eq!(v["data"][0]["requests"], 3);
+    assert_eq!(
+        get(&url, "/v1/usage?tenant=tenant-b", Some(&a)).await.0,
+        403
+    );
+    let (_, v) = get(&url, "/v1/usage?group_by=tenant", Some(&b)).await;
+    assert_eq!(v["data"][0]["group"], "tenant-b");
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Mixed load with client disconnects: the ledger bills exactly the completion tokens the
+/// engine handed to requests, and no reservation stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_totals_equal_what_the_engine_handed_out() {
+    let url = serve(keyed(config())).await;
+    let (_, key) = create_key(&url, json!({"tenant": "parity"})).await;
+    let mut tasks = Vec::new();
+    for n in 0..12u64 {
+        let (url, key) = (url.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let stream = n % 2 == 0;
+            let body = chat_body(
+                &format!("Tell me a long story about ship number {n}."),
+                json!({"max_tokens": 40, "stream": stream, "seed": n}),
+            );
+            let r = call(&url, Some(&key), &body, &[]).await;
+            assert_eq!(r.status(), 200);
+            if n % 3 == 0 {
+                // Disconnect mid-way: read a little, then drop the connection.
+                let mut s = r.bytes_stream();
+                let _ = futures::StreamExt::next(&mut s).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(s);
+            } else {
+                let _ = r.bytes().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    // Cancelled requests settle on background tasks: wait for the ledger to close them.
+    let mut totals = Value::Null;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, v) = get(&url, "/admin/v1/usage?group_by=tenant", Some(ADMIN)).await;
+        if v["data"][0]["requests"] == 12 {
+            totals = v["data"][0].clone();
+            break;
+        }
+    }
+    assert_eq!(totals["requests"], 12, "every reservation ended: {totals}");
+    let text = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let delivered = metric(&text, "tokenfab_engine_delivered_tokens_total");
+    assert!(delivered > 0);
+    assert_eq!(
+        totals["completion_tokens"].as_u64(),
+        Some(delivered),
+        "ledger completion tokens equal the engine's delivered tokens"
+    );
+}
