@@ -117,7 +117,16 @@ async fn keys_and_limits_refuse_with_documented_statuses() {
     } else {
         wrong_secret
     };
-    let cases: Vec<(&str, Option<&str>, Value, Vec<(&str, &str)>, u16, &str)> = vec![
+    // (what, key, body, headers, status, error code)
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Value,
+        Vec<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "missing key",
             None,

@@ -52,16 +52,19 @@ async fn start(dir: &Path, port: u16, completion_price: f64, extra: &[&str]) -> 
         .stderr(log)
         .spawn()
         .expect("spawn tokenfab serve");
-    let url = format!("http://127.0.0.1:{port}");
+    let server = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
     for _ in 0..600 {
-        if let Ok(r) = client().get(format!("{url}/health")).send().await {
+        if let Ok(r) = client().get(format!("{}/health", server.url)).send().await {
             if r.status().is_success() {
-                return Server { child, url };
+                return server;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("tokenfab serve did not come up on {url}");
+    panic!("tokenfab serve did not come up on {}", server.url);
 }
 
 async fn admin_get(url: &str, path: &str) -> Value {
