@@ -488,3 +488,45 @@ async fn ledger_totals_equal_what_the_engine_handed_out() {
         "ledger completion tokens equal the engine's delivered tokens"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_key_replays_without_running_or_billing_again() {
+    let url = serve(keyed(config())).await;
+    let (_, key) = create_key(&url, json!({"tenant": "idem"})).await;
+    let body = short(json!({"seed": 5, "temperature": 0.9}));
+    let idem = [("idempotency-key", "order-42")];
+    let first = call(&url, Some(&key), &body, &idem).await;
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.expect("json");
+    let again = call(&url, Some(&key), &body, &idem).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(first, again, "the stored response, same id");
+    let (_, usage) = get(&url, "/v1/usage?group_by=tenant", Some(&key)).await;
+    assert_eq!(usage["data"][0]["requests"], 1, "billed once: {usage}");
+    let other = short(json!({"seed": 6}));
+    let r = call(&url, Some(&key), &other, &idem).await;
+    assert_eq!(r.status().as_u16(), 422);
+    assert_eq!(
+        code(&r.json().await.expect("json")),
+        "idempotency_key_mismatch"
+    );
+    let streamed = short(json!({"stream": true}));
+    let r = call(&url, Some(&key), &streamed, &[("idempotency-key", "s-1")]).await;
+    assert_eq!(r.status().as_u16(), 400);
+    let long = "k".repeat(300);
+    let r = call(
+        &url,
+        Some(&key),
+        &body,
+        &[("idempotency-key", long.as_str())],
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 400);
+    // Another tenant's equal key is its own.
+    let (_, other_key) = create_key(&url, json!({"tenant": "idem-2"})).await;
+    let r = call(&url, Some(&other_key), &other, &idem).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+}

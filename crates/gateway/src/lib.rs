@@ -8,6 +8,7 @@ mod admin;
 mod auth;
 mod error;
 mod extract;
+mod idempotency;
 mod limits;
 mod meter;
 mod metrics;

@@ -4,6 +4,7 @@ use crate::admin;
 use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
+use crate::idempotency;
 use crate::limits::RateInfo;
 use crate::meter::{self, Meter};
 use crate::metrics::track;
@@ -249,6 +250,11 @@ async fn chat(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (turns, spec) = validate::chat(&req, &s.model)?;
+    let claim = match idempotency::claim(&s, &caller, &headers, &req, spec.stream).await? {
+        idempotency::Outcome::Replay(resp) => return Ok(resp),
+        idempotency::Outcome::Run(c) => Some(c),
+        idempotency::Outcome::None => None,
+    };
     let text = s
         .tokenizer
         .render_chat(&turns)
@@ -268,7 +274,7 @@ async fn chat(
         return Ok(decorate(resp, rate.as_ref(), &id));
     }
     let (content, finish_reason, usage, rate) = collect(started).await?;
-    let resp = Json(ChatCompletion {
+    let body = ChatCompletion {
         id: id.clone(),
         object: "chat.completion".into(),
         created: stream::unix_now(),
@@ -283,8 +289,8 @@ async fn chat(
             logprobs: None,
         }],
         usage,
-    })
-    .into_response();
+    };
+    let resp = respond(&body, claim).await?;
     Ok(decorate(resp, rate.as_ref(), &id))
 }
 
@@ -295,6 +301,11 @@ async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (text, spec) = validate::completion(&req, &s.model)?;
+    let claim = match idempotency::claim(&s, &caller, &headers, &req, spec.stream).await? {
+        idempotency::Outcome::Replay(resp) => return Ok(resp),
+        idempotency::Outcome::Run(c) => Some(c),
+        idempotency::Outcome::None => None,
+    };
     let prompt = s.tokenizer.encode(&text);
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
@@ -310,7 +321,7 @@ async fn completions(
         return Ok(decorate(resp, rate.as_ref(), &id));
     }
     let (text, finish_reason, usage, rate) = collect(started).await?;
-    let resp = Json(Completion {
+    let body = Completion {
         id: id.clone(),
         object: "text_completion".into(),
         created: stream::unix_now(),
@@ -322,7 +333,27 @@ async fn completions(
             logprobs: None,
         }],
         usage: Some(usage),
-    })
-    .into_response();
+    };
+    let resp = respond(&body, claim).await?;
     Ok(decorate(resp, rate.as_ref(), &id))
+}
+
+/// A JSON response, stored first under its idempotency claim (if any).
+async fn respond<T: serde::Serialize>(
+    body: &T,
+    claim: Option<idempotency::Claim>,
+) -> Result<Response, ApiError> {
+    let bytes =
+        serde_json::to_vec(body).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    if let Some(c) = claim {
+        c.complete(&bytes).await?;
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response())
 }

@@ -6,7 +6,7 @@ use crate::model::{
     UsageQuery,
 };
 use crate::price::Price;
-use crate::store::{LedgerError, LedgerStore};
+use crate::store::{Idempotency, IdempotencyClaim, LedgerError, LedgerStore};
 use crate::{new_key, secret};
 use std::sync::Arc;
 use tokenfab_types::{NanoUsd, TenantId, Tokens};
@@ -319,11 +319,74 @@ pub async fn budget_race(stores: &[Arc<dyn LedgerStore>], attempts: usize, fits:
     assert_eq!(k.reserved, NanoUsd(0));
 }
 
+pub async fn idempotency(store: &dyn LedgerStore) {
+    let claim = |tenant: &str, key: &str, body: u8, node: &str| IdempotencyClaim {
+        tenant: TenantId(tenant.into()),
+        key: key.into(),
+        body: [body; 32],
+        node: node.into(),
+        now: DAY1,
+    };
+    let c = claim("idem-a", "k1", 1, "node-a");
+    assert_eq!(store.idempotency_claim(&c).await, Ok(Idempotency::Claimed));
+    assert_eq!(store.idempotency_claim(&c).await, Ok(Idempotency::InFlight));
+    assert_eq!(
+        store
+            .idempotency_claim(&claim("idem-a", "k1", 2, "node-a"))
+            .await,
+        Ok(Idempotency::Mismatch)
+    );
+    assert_eq!(
+        store
+            .idempotency_claim(&claim("idem-b", "k1", 2, "node-a"))
+            .await,
+        Ok(Idempotency::Claimed),
+        "keys are per tenant"
+    );
+    store
+        .idempotency_complete(&c.tenant, "k1", b"{\"ok\":1}")
+        .await
+        .expect("complete");
+    assert_eq!(
+        store.idempotency_claim(&c).await,
+        Ok(Idempotency::Done(b"{\"ok\":1}".to_vec()))
+    );
+    store
+        .idempotency_release(&c.tenant, "k1")
+        .await
+        .expect("release");
+    assert!(
+        matches!(store.idempotency_claim(&c).await, Ok(Idempotency::Done(_))),
+        "a finished key is never released"
+    );
+    let failed = claim("idem-a", "k2", 3, "node-a");
+    assert_eq!(
+        store.idempotency_claim(&failed).await,
+        Ok(Idempotency::Claimed)
+    );
+    store
+        .idempotency_release(&failed.tenant, "k2")
+        .await
+        .expect("release");
+    assert_eq!(
+        store.idempotency_claim(&failed).await,
+        Ok(Idempotency::Claimed),
+        "a failed request may be retried"
+    );
+    // A crash leaves the claim running; the node's next start drops it.
+    store.recover("node-a", DAY1).await.expect("recover");
+    assert_eq!(
+        store.idempotency_claim(&failed).await,
+        Ok(Idempotency::Claimed)
+    );
+}
+
 /// Every check above, on one store.
 pub async fn run_all(store: Arc<dyn LedgerStore>) {
     keys_lifecycle(store.as_ref()).await;
     try_confirm_cancel(store.as_ref()).await;
     crash_recovery(store.as_ref()).await;
     usage_queries(store.as_ref()).await;
+    idempotency(store.as_ref()).await;
     budget_race(std::slice::from_ref(&store), 1000, 20).await;
 }

@@ -22,7 +22,7 @@ pub use model::{
 };
 pub use price::Price;
 pub use sql::{Dialect, SqlStore};
-pub use store::{LedgerError, LedgerStore, Result};
+pub use store::{Idempotency, IdempotencyClaim, LedgerError, LedgerStore, Result};
 
 use std::sync::Arc;
 use tokenfab_types::NanoUsd;

@@ -5,7 +5,7 @@ use crate::model::{
     AttemptId, KeyRecord, Outcome, Recovery, Reservation, Settled, Settlement, TokenUsage,
     UsageQuery, UsageRow,
 };
-use crate::store::{LedgerError, LedgerStore, Result};
+use crate::store::{Idempotency, IdempotencyClaim, LedgerError, LedgerStore, Result};
 use crate::usage::Summer;
 use async_trait::async_trait;
 use std::collections::BTreeMap;
@@ -20,10 +20,14 @@ struct Row {
     settled: Option<(Outcome, NanoUsd)>,
 }
 
+/// An idempotency claim: (body hash, owning node, response once finished).
+type IdemEntry = ([u8; 32], String, Option<Vec<u8>>);
+
 #[derive(Default)]
 struct State {
     keys: BTreeMap<String, KeyRecord>,
     rows: BTreeMap<AttemptId, Row>,
+    idem: BTreeMap<(TenantId, String), IdemEntry>,
 }
 
 #[derive(Default)]
@@ -162,6 +166,8 @@ impl LedgerStore for MemoryStore {
             .filter(|(_, r)| r.settled.is_none() && r.r.node == node)
             .map(|(id, r)| (id.clone(), r.progress))
             .collect();
+        st.idem
+            .retain(|_, (_, owner, done)| done.is_some() || owner != node);
         let mut rec = Recovery::default();
         for (id, usage) in open {
             let s = Settlement {
@@ -205,5 +211,41 @@ impl LedgerStore for MemoryStore {
             sum.add(q.group_by, r, row.progress, cost);
         }
         Ok(sum.rows())
+    }
+
+    async fn idempotency_claim(&self, c: &IdempotencyClaim) -> Result<Idempotency> {
+        let mut st = self.lock()?;
+        let slot = (c.tenant.clone(), c.key.clone());
+        Ok(match st.idem.get(&slot) {
+            None => {
+                st.idem.insert(slot, (c.body, c.node.clone(), None));
+                Idempotency::Claimed
+            }
+            Some((body, _, _)) if *body != c.body => Idempotency::Mismatch,
+            Some((_, _, None)) => Idempotency::InFlight,
+            Some((_, _, Some(resp))) => Idempotency::Done(resp.clone()),
+        })
+    }
+
+    async fn idempotency_complete(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        response: &[u8],
+    ) -> Result<()> {
+        let mut st = self.lock()?;
+        if let Some(e) = st.idem.get_mut(&(tenant.clone(), key.to_owned())) {
+            e.2 = Some(response.to_vec());
+        }
+        Ok(())
+    }
+
+    async fn idempotency_release(&self, tenant: &TenantId, key: &str) -> Result<()> {
+        let mut st = self.lock()?;
+        let slot = (tenant.clone(), key.to_owned());
+        if st.idem.get(&slot).is_some_and(|e| e.2.is_none()) {
+            st.idem.remove(&slot);
+        }
+        Ok(())
     }
 }

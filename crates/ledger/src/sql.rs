@@ -12,7 +12,7 @@ use crate::model::{
     TokenUsage, UsageQuery, UsageRow,
 };
 use crate::price::Price;
-use crate::store::{LedgerError, LedgerStore, Result};
+use crate::store::{Idempotency, IdempotencyClaim, LedgerError, LedgerStore, Result};
 use async_trait::async_trait;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
@@ -54,7 +54,7 @@ fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn schema(d: Dialect) -> [String; 4] {
+fn schema(d: Dialect) -> [String; 5] {
     let blob = match d {
         Dialect::Sqlite => "BLOB",
         Dialect::Postgres => "BYTEA",
@@ -84,6 +84,12 @@ fn schema(d: Dialect) -> [String; 4] {
             .to_owned(),
         "CREATE INDEX IF NOT EXISTS reservations_tenant ON reservations (tenant, created_at)"
             .to_owned(),
+        format!(
+            "CREATE TABLE IF NOT EXISTS idempotency (
+                tenant TEXT NOT NULL, idem_key TEXT NOT NULL, body {blob} NOT NULL,
+                node TEXT NOT NULL, response {blob}, created_at BIGINT NOT NULL,
+                PRIMARY KEY (tenant, idem_key))"
+        ),
     ]
 }
 
@@ -473,6 +479,10 @@ impl LedgerStore for SqlStore {
         .bind(node)
         .fetch_all(&self.pool)
         .await?;
+        sqlx::query("DELETE FROM idempotency WHERE node = $1 AND response IS NULL")
+            .bind(node)
+            .execute(&self.pool)
+            .await?;
         let mut rec = Recovery::default();
         for row in rows {
             let id = AttemptId::new(
@@ -505,6 +515,69 @@ impl LedgerStore for SqlStore {
             .await?
             .try_get(0)?;
         Ok(u(n))
+    }
+
+    async fn idempotency_claim(&self, c: &IdempotencyClaim) -> Result<Idempotency> {
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency (tenant, idem_key, body, node, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, idem_key) DO NOTHING",
+        )
+        .bind(&c.tenant.0)
+        .bind(&c.key)
+        .bind(c.body.to_vec())
+        .bind(&c.node)
+        .bind(c.now)
+        .execute(&self.pool)
+        .await?;
+        if claimed.rows_affected() == 1 {
+            return Ok(Idempotency::Claimed);
+        }
+        let row = sqlx::query(
+            "SELECT body, response FROM idempotency WHERE tenant = $1 AND idem_key = $2",
+        )
+        .bind(&c.tenant.0)
+        .bind(&c.key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            // Released between our insert and read: the caller may retry.
+            return Ok(Idempotency::InFlight);
+        };
+        let body: Vec<u8> = row.try_get("body")?;
+        let response: Option<Vec<u8>> = row.try_get("response")?;
+        Ok(if body != c.body {
+            Idempotency::Mismatch
+        } else if let Some(r) = response {
+            Idempotency::Done(r)
+        } else {
+            Idempotency::InFlight
+        })
+    }
+
+    async fn idempotency_complete(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        response: &[u8],
+    ) -> Result<()> {
+        sqlx::query("UPDATE idempotency SET response = $1 WHERE tenant = $2 AND idem_key = $3")
+            .bind(response.to_vec())
+            .bind(&tenant.0)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn idempotency_release(&self, tenant: &TenantId, key: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM idempotency WHERE tenant = $1 AND idem_key = $2 AND response IS NULL",
+        )
+        .bind(&tenant.0)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>> {

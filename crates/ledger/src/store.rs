@@ -68,11 +68,49 @@ pub trait LedgerStore: Send + Sync {
     /// CONFIRM or CANCEL, exactly once.
     async fn settle(&self, id: &AttemptId, s: Settlement) -> Result<Settled>;
     /// At startup: end every reservation `node` left open, confirmed from its recorded
-    /// progress (released when nothing was served).
+    /// progress (released when nothing was served), and drop its unfinished idempotency
+    /// claims.
     async fn recover(&self, node: &str, now: i64) -> Result<Recovery>;
     /// Reservations still open (all nodes).
     async fn open_reservations(&self) -> Result<u64>;
 
     /// Settled requests summed per group.
     async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>>;
+
+    /// Claim an `Idempotency-Key` of a tenant for a request whose canonical body hashes to
+    /// `body`. Exactly one caller gets [`Idempotency::Claimed`]; the others learn whether
+    /// it is still running, finished (its stored response), or claimed for another body.
+    async fn idempotency_claim(&self, c: &IdempotencyClaim) -> Result<Idempotency>;
+    /// Store the response of a claimed key (durable before it is returned to the client).
+    async fn idempotency_complete(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        response: &[u8],
+    ) -> Result<()>;
+    /// Give a claim up (the request failed): a retry may run again.
+    async fn idempotency_release(&self, tenant: &TenantId, key: &str) -> Result<()>;
+}
+
+/// A claim on an idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    pub tenant: TenantId,
+    pub key: String,
+    pub body: [u8; 32],
+    /// Claims left running by a crash of this node are dropped by [`LedgerStore::recover`].
+    pub node: String,
+    pub now: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Idempotency {
+    /// This caller runs the request.
+    Claimed,
+    /// The same key and body are running elsewhere.
+    InFlight,
+    /// Finished: the stored response.
+    Done(Vec<u8>),
+    /// The key was used for a different body.
+    Mismatch,
 }
