@@ -46,6 +46,10 @@ pub struct ServerConfig {
     pub port: u16,
     /// Largest request body accepted, in bytes (larger → 413).
     pub max_body_bytes: usize,
+    /// Largest request head (request line + headers), in bytes.
+    pub max_header_bytes: usize,
+    /// A client must send its request head within this many milliseconds.
+    pub header_read_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +66,9 @@ pub struct ModelConfig {
     pub ubatch_tokens: u32,
     /// CPU threads for llama.cpp kernels; 0 = all cores.
     pub threads: u32,
+    /// Instead of a model, a timing model of an accelerator emitting placeholder tokens:
+    /// `instant` or `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`. Served as model `mock`.
+    pub mock: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +97,8 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             max_body_bytes: 2 << 20,
+            max_header_bytes: 64 << 10,
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -104,6 +113,7 @@ impl Default for ModelConfig {
             slots: 64,
             ubatch_tokens: 256,
             threads: 0,
+            mock: String::new(),
         }
     }
 }

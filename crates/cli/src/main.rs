@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Catalog name, local .gguf path, or hf:<owner>/<repo>/<file>.
     #[arg(long, env = "TOKENFAB_MODEL")]
     model: Option<String>,
+    /// Serve a timing model instead of a model: `instant` or
+    /// `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]` (placeholder tokens, model name `mock`).
+    #[arg(long, env = "TOKENFAB_MOCK")]
+    mock: Option<String>,
     /// KV cells (tokens) shared by all sequences.
     #[arg(long, env = "TOKENFAB_KV_TOKENS")]
     kv_tokens: Option<u32>,
@@ -111,6 +115,9 @@ impl ServeArgs {
         }
         if let Some(v) = &self.model {
             c.model.name.clone_from(v);
+        }
+        if let Some(v) = &self.mock {
+            c.model.mock.clone_from(v);
         }
         if let Some(v) = self.kv_tokens {
             c.model.kv_tokens = v;

@@ -1,29 +1,35 @@
-//! `tokenfab serve`: pull → load → engine thread → HTTP.
+//! `tokenfab serve`: pull → load → engine thread → ledger → HTTP.
 
 use crate::config::Config;
 use anyhow::Context;
 use std::sync::Arc;
-use tokenfab_engine::{Engine, EngineMetrics};
+use tokenfab_engine::{Engine, EngineMetrics, ExecutorCapacity, Tokenizer};
 use tokenfab_gateway::{
-    AdminKey, AppState, AuthMode, GatewayConfig, HttpMetrics, KeyCache, Limiter,
+    AdminKey, AppState, AuthMode, GatewayConfig, HttpMetrics, KeyCache, Limiter, ServerLimits,
 };
 use tokenfab_ledger::LedgerStore;
 use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig, LoadedModel};
+use tokenfab_sim::{ByteTokenizer, ModelExecutor, StepProfile};
 use tokio_util::task::TaskTracker;
 
 /// A ready server: the HTTP router and the engine behind it.
 pub struct App {
     pub router: axum::Router,
     pub engine: Engine,
-    pub model: Arc<LoadedModel>,
+    /// The name the model is served under.
+    pub model: String,
     /// Whether API keys are required (else local single-user mode).
     pub keyed: bool,
     /// Settlements of requests that ended by disconnect; wait for them before exiting.
     pub tracker: TaskTracker,
 }
 
-/// Pull and load the model, start the engine thread, build the router.
+/// Pull and load the model (or set up the mock accelerator), start the engine thread,
+/// build the router.
 pub async fn build(cfg: &Config) -> anyhow::Result<App> {
+    if !cfg.model.mock.is_empty() {
+        return build_mock(cfg).await;
+    }
     let pulled = tokenfab_llama::pull::pull(&cfg.model.name, &tokenfab_llama::pull::home())?;
     let model = LoadedModel::load(&pulled.path, &pulled.name)?;
     build_with_model(cfg, model).await
@@ -56,14 +62,6 @@ async fn open_ledger(cfg: &Config) -> anyhow::Result<Arc<dyn LedgerStore>> {
 
 /// As [`build`], for a model already loaded (tests share one model between engines).
 pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::Result<App> {
-    let ledger = open_ledger(cfg).await?;
-    let admin = (!cfg.gateway.admin_key.is_empty()).then(|| AdminKey::new(&cfg.gateway.admin_key));
-    let keyed = admin.is_some() || !ledger.list_keys(None).await?.is_empty();
-    let auth = if keyed {
-        AuthMode::Keys(Arc::new(KeyCache::new(ledger.clone())))
-    } else {
-        AuthMode::Open
-    };
     let registry = prometheus::Registry::new();
     let engine_metrics = EngineMetrics::new(&registry, model.name())?;
     let exec_cfg = LlamaExecutorConfig {
@@ -77,9 +75,57 @@ pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::
     let engine = Engine::spawn(cfg.engine(), engine_metrics, move || {
         LlamaExecutor::new(&m, &exec_cfg).map_err(|e| e.to_string())
     })?;
+    let name = model.name().to_owned();
+    assemble(cfg, registry, engine, model, name).await
+}
+
+/// `--mock PROFILE`: the same engine loop and scheduler over a timing model that emits
+/// placeholder tokens, served as model `mock`.
+async fn build_mock(cfg: &Config) -> anyhow::Result<App> {
+    let profile = StepProfile::parse(&cfg.model.mock)?;
+    let registry = prometheus::Registry::new();
+    let engine_metrics = EngineMetrics::new(&registry, MOCK_MODEL)?;
+    let capacity = ExecutorCapacity {
+        slots: cfg.model.slots,
+        kv_tokens: u64::from(cfg.model.kv_tokens),
+        max_seq_tokens: u64::from(cfg.model.kv_tokens),
+        max_batch_tokens: cfg.scheduler.max_step_tokens,
+    };
+    let engine = Engine::spawn(cfg.engine(), engine_metrics, move || {
+        Ok(ModelExecutor::new(profile, capacity))
+    })?;
+    assemble(
+        cfg,
+        registry,
+        engine,
+        Arc::new(ByteTokenizer),
+        MOCK_MODEL.into(),
+    )
+    .await
+}
+
+/// The model name `--mock` serves.
+pub const MOCK_MODEL: &str = "mock";
+
+/// Ledger, auth and router around a running engine.
+async fn assemble(
+    cfg: &Config,
+    registry: prometheus::Registry,
+    engine: Engine,
+    tokenizer: Arc<dyn Tokenizer>,
+    name: String,
+) -> anyhow::Result<App> {
+    let ledger = open_ledger(cfg).await?;
+    let admin = (!cfg.gateway.admin_key.is_empty()).then(|| AdminKey::new(&cfg.gateway.admin_key));
+    let keyed = admin.is_some() || !ledger.list_keys(None).await?.is_empty();
+    let auth = if keyed {
+        AuthMode::Keys(Arc::new(KeyCache::new(ledger.clone())))
+    } else {
+        AuthMode::Open
+    };
     let cap = engine.capacity();
     tracing::info!(
-        model = model.name(),
+        model = name,
         kv_tokens = cap.kv_tokens,
         slots = cap.slots,
         context = cap.max_seq_tokens,
@@ -88,14 +134,14 @@ pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::
     let tracker = TaskTracker::new();
     let state = AppState {
         engine: engine.clone(),
-        tokenizer: model.clone() as Arc<dyn tokenfab_engine::Tokenizer>,
-        model: model.name().to_owned(),
+        tokenizer,
+        model: name.clone(),
         http: HttpMetrics::new(&registry)?,
         registry,
         config: GatewayConfig {
             max_body_bytes: cfg.server.max_body_bytes,
             node: cfg.node(),
-            price: cfg.price(model.name())?,
+            price: cfg.price(&name)?,
         },
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -109,10 +155,18 @@ pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::
     Ok(App {
         router: tokenfab_gateway::router(state),
         engine,
-        model,
+        model: name,
         keyed,
         tracker,
     })
+}
+
+/// The connection limits `cfg` asks for.
+pub fn limits(cfg: &Config) -> ServerLimits {
+    ServerLimits {
+        header_read_timeout: std::time::Duration::from_millis(cfg.server.header_read_timeout_ms),
+        max_header_bytes: cfg.server.max_header_bytes,
+    }
 }
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -126,15 +180,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         if app.keyed {
-            tracing::info!("serving {} on http://{addr} (API keys required)", app.model.name());
+            tracing::info!("serving {} on http://{addr} (API keys required)", app.model);
         } else {
             tracing::warn!(
                 "serving {} on http://{addr} in local single-user mode: no API keys or admin key configured, every request is accepted and nothing is metered (`tokenfab keys create --tenant NAME` turns keys on)",
-                app.model.name()
+                app.model
             );
         }
-        let served = axum::serve(listener, app.router)
-            .with_graceful_shutdown(shutdown(app.engine))
+        let served = tokenfab_gateway::serve(listener, app.router, limits(&cfg), shutdown(app.engine))
             .await
             .context("server failed");
         // Requests cut short settle on tracked tasks: let them reach the ledger.

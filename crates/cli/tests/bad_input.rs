@@ -186,3 +186,48 @@ async fn full_queue_is_503_with_retry_after() {
     let second = second.await.expect("join").expect("second");
     assert_eq!(second.status().as_u16(), 200);
 }
+
+/// A client that never finishes its request head is disconnected after the header
+/// timeout; a head over the size limit gets 431. The server keeps serving others.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_oversized_request_heads_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = config();
+    cfg.server.header_read_timeout_ms = 500;
+    cfg.server.max_header_bytes = 16 << 10;
+    let url = serve(cfg).await;
+    let addr = url.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "slow client still connected after 5 s");
+    let mut big = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(64 << 10)
+    );
+    let _ = big.write_all(head.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 431"), "got: {text:.80}");
+    let (status, _) = get_health(&url).await;
+    assert_eq!(status, 200, "the server still serves");
+}
+
+async fn get_health(url: &str) -> (u16, serde_json::Value) {
+    let r = client()
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .expect("send");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or_default())
+}

@@ -32,6 +32,7 @@ pub fn config() -> Config {
 
 /// Start a server with `cfg` on a free port; returns its base URL.
 pub async fn serve(cfg: Config) -> String {
+    let limits = tokenfab::serve::limits(&cfg);
     let app = tokenfab::serve::build_with_model(&cfg, model())
         .await
         .expect("build app");
@@ -40,7 +41,7 @@ pub async fn serve(cfg: Config) -> String {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app.router).await;
+        let _ = tokenfab_gateway::serve(listener, app.router, limits, std::future::pending()).await;
     });
     format!("http://{addr}")
 }

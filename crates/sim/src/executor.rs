@@ -1,0 +1,52 @@
+//! An executor that models an accelerator's timing instead of running kernels.
+
+use crate::profile::StepProfile;
+use tokenfab_engine::{BatchEntry, ExecError, Executor, ExecutorCapacity, Sampled, SamplingParams};
+use tokenfab_types::{SeqSlot, TokenId};
+
+/// Placeholder tokens (`a`..`z` by position) after the profile's step time, slept in real
+/// time: the engine loop, scheduler and everything in front of them behave as with a real
+/// accelerator of that speed. It never ends a generation itself (`max_tokens` does).
+pub struct ModelExecutor {
+    profile: StepProfile,
+    capacity: ExecutorCapacity,
+}
+
+impl ModelExecutor {
+    pub fn new(profile: StepProfile, capacity: ExecutorCapacity) -> Self {
+        ModelExecutor { profile, capacity }
+    }
+}
+
+impl Executor for ModelExecutor {
+    fn capacity(&self) -> ExecutorCapacity {
+        self.capacity
+    }
+
+    fn release(&mut self, _slot: SeqSlot) {}
+
+    fn begin(&mut self, _slot: SeqSlot, _params: &SamplingParams) {}
+
+    fn copy_prefix(&mut self, _from: SeqSlot, _to: SeqSlot, _tokens: u64) {}
+
+    fn trim(&mut self, _slot: SeqSlot, _from: u64) {}
+
+    fn run(&mut self, batch: &[BatchEntry<'_>]) -> Result<Vec<Sampled>, ExecError> {
+        let tokens: u64 = batch.iter().map(|e| e.tokens.len() as u64).sum();
+        let t = self.profile.step_time(tokens, batch.len() as u64);
+        if t.0 > 0 {
+            std::thread::sleep(t.into());
+        }
+        Ok(batch
+            .iter()
+            .filter(|e| e.sample)
+            .map(|e| {
+                let pos = e.pos + e.tokens.len() as u64;
+                Sampled {
+                    token: TokenId(i32::from(b'a') + (pos % 26) as i32),
+                    eog: false,
+                }
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,17 @@
+//! Timing models of accelerators behind the engine's [`Executor`] trait.
+//!
+//! Today: [`ModelExecutor`], which runs the engine loop without kernels — placeholder
+//! tokens after a modelled step time — and [`ByteTokenizer`]. `tokenfab serve --mock`
+//! uses them to put the gateway, ledger and scheduler under load without a model (an
+//! "instant upstream" for gateway benchmarks). The discrete-event cluster simulator of
+//! DESIGN.md grows here; it must stay free of wall-clock reads in its decisions.
+//!
+//! [`Executor`]: tokenfab_engine::Executor
+
+mod executor;
+mod profile;
+mod tokenizer;
+
+pub use executor::ModelExecutor;
+pub use profile::{ProfileError, StepProfile};
+pub use tokenizer::ByteTokenizer;
