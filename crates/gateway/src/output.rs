@@ -48,6 +48,9 @@ pub struct TextOutput {
     completion_tokens: u64,
     pending: VecDeque<Piece>,
     meter: Meter,
+    /// Streams release text as it comes, so its progress is made durable first; a whole
+    /// response releases nothing before the settlement, which covers it.
+    streaming: bool,
 }
 
 fn usage(prompt: u64, cached: u64, completion: u64) -> Usage {
@@ -68,6 +71,7 @@ impl TextOutput {
         stops: Vec<String>,
         prompt_tokens: u64,
         meter: Meter,
+        streaming: bool,
     ) -> Self {
         TextOutput {
             generation: Some(generation),
@@ -78,6 +82,7 @@ impl TextOutput {
             completion_tokens: 0,
             pending: VecDeque::new(),
             meter,
+            streaming,
         }
     }
 
@@ -113,7 +118,11 @@ impl TextOutput {
     async fn bill(&mut self, piece: &Piece) -> Result<(), ApiError> {
         let (prompt, completion) = (self.prompt_tokens, self.completion_tokens);
         match piece {
-            Piece::Text(_) => self.meter.progress(prompt, completion).await,
+            Piece::Text(_) if self.streaming => self.meter.progress(prompt, completion).await,
+            Piece::Text(_) => {
+                self.meter.note_served(prompt, completion);
+                Ok(())
+            }
             Piece::End { usage, .. } => {
                 self.meter.finish(usage_of(usage), Outcome::Completed).await
             }

@@ -189,6 +189,7 @@ async fn start(
         spec.stop.clone(),
         prompt_tokens,
         meter,
+        spec.stream,
     );
     // Pieces come billed: an error here has already been settled.
     match out.next().await {

@@ -131,6 +131,12 @@ pub async fn try_confirm_cancel(store: &dyn LedgerStore) {
     let r = reservation(&key, "tcc-1", 10, 5);
     assert_eq!(r.amount(), NanoUsd(20_000));
     store.reserve(&r).await.expect("fits exactly");
+    // A reserve holds the budget at once for every other reserve, but may become durable
+    // (and visible to plain reads) with the next commit; progress returns after it.
+    store
+        .progress(&r.id, TokenUsage::default())
+        .await
+        .expect("progress");
     let k = store.key(&key.id).await.expect("get").expect("exists");
     assert_eq!((k.reserved, k.spent), (NanoUsd(20_000), NanoUsd(0)));
     let second = reservation(&key, "tcc-2", 1, 0);

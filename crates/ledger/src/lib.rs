@@ -5,15 +5,19 @@
 //! [`conformance`] suite that all of them pass. This crate knows nothing of HTTP, the
 //! engine or the scheduler; it depends only on `tokenfab-types`.
 
+mod backend_sqlite;
+mod backend_sqlx;
 pub mod conformance;
 mod memory;
 mod model;
 mod price;
 pub mod secret;
 mod sql;
+mod sql_text;
 mod store;
 pub mod testkit;
 mod usage;
+mod writer;
 
 pub use memory::MemoryStore;
 pub use model::{

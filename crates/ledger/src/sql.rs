@@ -1,24 +1,23 @@
 //! The SQL store: SQLite (default, embedded; WAL, synchronous=FULL) or PostgreSQL (shared by
 //! several gateway processes), one implementation over sqlx's `Any` driver.
 //!
-//! Writes on the request path (reserve, progress, settle) go through one writer task per
-//! process that commits them in groups: every call waits for the commit that contains it,
-//! so each returns only once durable, while a busy server pays one fsync per group rather
-//! than per request. Budget checks are single conditional `UPDATE`s, so they stay exact when
-//! several processes share one PostgreSQL database (row locks serialise them).
+//! Writes on the request path (reserve, progress, settle) go through the group-commit
+//! writer (`writer.rs`); keys, usage and idempotency claims are plain statements on the
+//! pool.
 
+use crate::backend_sqlite::SqliteBackend;
+use crate::backend_sqlx::SqlxBackend;
 use crate::model::{
-    utc_day, AttemptId, GroupBy, KeyRecord, Outcome, Recovery, Reservation, Settled, Settlement,
-    TokenUsage, UsageQuery, UsageRow,
+    AttemptId, GroupBy, KeyRecord, Outcome, Recovery, Reservation, Settled, Settlement, TokenUsage,
+    UsageQuery, UsageRow,
 };
-use crate::price::Price;
-use crate::store::{Idempotency, IdempotencyClaim, LedgerError, LedgerStore, Result};
+use crate::store::{Idempotency, IdempotencyClaim, LedgerStore, Result};
+use crate::writer::Writer;
 use async_trait::async_trait;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use std::str::FromStr;
 use tokenfab_types::{Band, NanoUsd, TenantId, Tokens};
-use tokio::sync::{mpsc, oneshot};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
@@ -26,31 +25,17 @@ pub enum Dialect {
     Postgres,
 }
 
-/// Most writes committed together.
-const MAX_GROUP: usize = 512;
-
-enum Job {
-    Reserve(Reservation, oneshot::Sender<Result<()>>),
-    Progress(AttemptId, TokenUsage, oneshot::Sender<Result<()>>),
-    Settle(AttemptId, Settlement, oneshot::Sender<Result<Settled>>),
-}
-
-enum Done {
-    Unit(Result<()>),
-    Settled(Result<Settled>),
-}
-
 pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
-    writer: mpsc::Sender<Job>,
+    writer: Writer,
 }
 
-fn i(v: u64) -> i64 {
+pub(crate) fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn u(v: i64) -> u64 {
+pub(crate) fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -104,7 +89,6 @@ impl SqlStore {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
             (Dialect::Sqlite, format!("sqlite://{path}?mode=rwc"))
         };
-        let opts = AnyConnectOptions::from_str(&url)?;
         let pool = AnyPoolOptions::new()
             .max_connections(8)
             .after_connect(move |conn, _| {
@@ -121,241 +105,47 @@ impl SqlStore {
                     Ok(())
                 })
             })
-            .connect_with(opts)
+            .connect_with(AnyConnectOptions::from_str(&url)?)
             .await?;
         let mut conn = pool.acquire().await?;
         for ddl in schema(dialect) {
             conn.execute(ddl.as_str()).await?;
         }
-        let writer_conn = conn.detach();
-        let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
-        tokio::spawn(write_loop(writer_conn, rx));
+        drop(conn);
+        let writer = match dialect {
+            Dialect::Sqlite => {
+                let path = url
+                    .strip_prefix("sqlite://")
+                    .unwrap_or(&url)
+                    .trim_end_matches("?mode=rwc")
+                    .to_owned();
+                Writer::spawn(move || Box::pin(async move { SqliteBackend::open(&path) }))?
+            }
+            Dialect::Postgres => {
+                let opts = AnyConnectOptions::from_str(&url)?;
+                Writer::spawn(move || {
+                    Box::pin(async move {
+                        let conn = AnyConnection::connect_with(&opts)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok(SqlxBackend { conn })
+                    })
+                })?
+            }
+        };
         Ok(SqlStore {
             pool,
             dialect,
-            writer: tx,
+            writer,
         })
     }
 
     pub fn dialect(&self) -> Dialect {
         self.dialect
     }
-
-    async fn submit<T>(&self, job: Job, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
-        self.writer
-            .send(job)
-            .await
-            .map_err(|_| LedgerError::Storage("ledger writer stopped".into()))?;
-        rx.await
-            .map_err(|_| LedgerError::Storage("ledger writer stopped".into()))?
-    }
 }
 
-/// The group-commit writer: take every job waiting (up to [`MAX_GROUP`]), apply them in one
-/// transaction, commit once, then answer each. If the group's transaction fails (a
-/// deadlock with another process, say) the jobs are retried one transaction each, so one
-/// job's failure never fails another's.
-async fn write_loop(mut conn: AnyConnection, mut rx: mpsc::Receiver<Job>) {
-    let mut jobs = Vec::with_capacity(MAX_GROUP);
-    while rx.recv_many(&mut jobs, MAX_GROUP).await > 0 {
-        match apply_group(&mut conn, &jobs).await {
-            Ok(done) => {
-                for (job, d) in jobs.drain(..).zip(done) {
-                    reply(job, d);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, jobs = jobs.len(), "ledger group commit failed; retrying one by one");
-                for job in jobs.drain(..) {
-                    let done = match apply_group(&mut conn, std::slice::from_ref(&job)).await {
-                        Ok(mut d) => d.pop(),
-                        Err(e) => Some(fail(&job, &e)),
-                    };
-                    if let Some(d) = done {
-                        reply(job, d);
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn fail(job: &Job, e: &sqlx::Error) -> Done {
-    let err = LedgerError::Storage(e.to_string());
-    match job {
-        Job::Settle(..) => Done::Settled(Err(err)),
-        _ => Done::Unit(Err(err)),
-    }
-}
-
-fn reply(job: Job, done: Done) {
-    match (job, done) {
-        (Job::Reserve(_, tx) | Job::Progress(_, _, tx), Done::Unit(r)) => {
-            let _ = tx.send(r);
-        }
-        (Job::Settle(_, _, tx), Done::Settled(r)) => {
-            let _ = tx.send(r);
-        }
-        (Job::Reserve(_, tx) | Job::Progress(_, _, tx), Done::Settled(_)) => {
-            let _ = tx.send(Err(LedgerError::Storage("mismatched reply".into())));
-        }
-        (Job::Settle(_, _, tx), Done::Unit(_)) => {
-            let _ = tx.send(Err(LedgerError::Storage("mismatched reply".into())));
-        }
-    }
-}
-
-async fn apply_group(conn: &mut AnyConnection, jobs: &[Job]) -> sqlx::Result<Vec<Done>> {
-    let mut tx = conn.begin().await?;
-    let mut done = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        done.push(match job {
-            Job::Reserve(r, _) => Done::Unit(reserve_in(&mut tx, r).await?),
-            Job::Progress(id, usage, _) => Done::Unit(progress_in(&mut tx, id, *usage).await?),
-            Job::Settle(id, s, _) => Done::Settled(settle_in(&mut tx, id, *s).await?),
-        });
-    }
-    tx.commit().await?;
-    Ok(done)
-}
-
-async fn reserve_in(conn: &mut AnyConnection, r: &Reservation) -> sqlx::Result<Result<()>> {
-    let exists = sqlx::query("SELECT 1 FROM reservations WHERE request_id = $1 AND attempt = $2")
-        .bind(&r.id.request_id)
-        .bind(i64::from(r.id.attempt))
-        .fetch_optional(&mut *conn)
-        .await?;
-    if exists.is_some() {
-        return Ok(Err(LedgerError::DuplicateReservation(r.id.clone())));
-    }
-    let needed = r.amount();
-    let held = sqlx::query(
-        "UPDATE api_keys SET reserved = reserved + $1 WHERE id = $2 AND revoked_at IS NULL
-         AND (budget IS NULL OR spent + reserved + $1 <= budget)",
-    )
-    .bind(i(needed.0))
-    .bind(&r.key_id)
-    .execute(&mut *conn)
-    .await?;
-    if held.rows_affected() != 1 {
-        let key = sqlx::query("SELECT * FROM api_keys WHERE id = $1")
-            .bind(&r.key_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-        let err = match key.as_ref().map(key_from_row).transpose()? {
-            None => LedgerError::UnknownKey(r.key_id.clone()),
-            Some(k) if k.revoked => LedgerError::Revoked(r.key_id.clone()),
-            Some(k) => LedgerError::InsufficientBudget {
-                needed,
-                remaining: k.remaining().unwrap_or_default(),
-            },
-        };
-        return Ok(Err(err));
-    }
-    sqlx::query(
-        "INSERT INTO reservations (request_id, attempt, node, key_id, tenant, model, amount,
-            price_prompt, price_cached, price_completion, state, day, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'open', $11, $12)",
-    )
-    .bind(&r.id.request_id)
-    .bind(i64::from(r.id.attempt))
-    .bind(&r.node)
-    .bind(&r.key_id)
-    .bind(&r.tenant.0)
-    .bind(&r.model)
-    .bind(i(needed.0))
-    .bind(i(r.price.prompt.0))
-    .bind(i(r.price.cached.0))
-    .bind(i(r.price.completion.0))
-    .bind(utc_day(r.now))
-    .bind(r.now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(Ok(()))
-}
-
-async fn progress_in(
-    conn: &mut AnyConnection,
-    id: &AttemptId,
-    usage: TokenUsage,
-) -> sqlx::Result<Result<()>> {
-    let done = sqlx::query(
-        "UPDATE reservations SET prompt_tokens = $1, cached_tokens = $2, completion_tokens = $3
-         WHERE request_id = $4 AND attempt = $5 AND state = 'open'",
-    )
-    .bind(i(usage.prompt.0))
-    .bind(i(usage.cached.0))
-    .bind(i(usage.completion.0))
-    .bind(&id.request_id)
-    .bind(i64::from(id.attempt))
-    .execute(&mut *conn)
-    .await?;
-    Ok(if done.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(LedgerError::NotOpen(id.clone()))
-    })
-}
-
-async fn settle_in(
-    conn: &mut AnyConnection,
-    id: &AttemptId,
-    s: Settlement,
-) -> sqlx::Result<Result<Settled>> {
-    let row = sqlx::query(
-        "SELECT key_id, amount, price_prompt, price_cached, price_completion FROM reservations
-         WHERE request_id = $1 AND attempt = $2 AND state = 'open'",
-    )
-    .bind(&id.request_id)
-    .bind(i64::from(id.attempt))
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else {
-        return Ok(Err(LedgerError::NotOpen(id.clone())));
-    };
-    let key_id: String = row.try_get("key_id")?;
-    let held = NanoUsd(u(row.try_get("amount")?));
-    let price = Price {
-        prompt: NanoUsd(u(row.try_get("price_prompt")?)),
-        cached: NanoUsd(u(row.try_get("price_cached")?)),
-        completion: NanoUsd(u(row.try_get("price_completion")?)),
-    };
-    let usage = s.usage;
-    let cost = price.cost(usage.prompt, usage.cached, usage.completion);
-    let state = if usage.is_empty() {
-        "released"
-    } else {
-        "confirmed"
-    };
-    let done = sqlx::query(
-        "UPDATE reservations SET state = $1, outcome = $2, prompt_tokens = $3,
-            cached_tokens = $4, completion_tokens = $5, cost = $6, settled_at = $7
-         WHERE request_id = $8 AND attempt = $9 AND state = 'open'",
-    )
-    .bind(state)
-    .bind(s.outcome.as_str())
-    .bind(i(usage.prompt.0))
-    .bind(i(usage.cached.0))
-    .bind(i(usage.completion.0))
-    .bind(i(cost.0))
-    .bind(s.now)
-    .bind(&id.request_id)
-    .bind(i64::from(id.attempt))
-    .execute(&mut *conn)
-    .await?;
-    if done.rows_affected() != 1 {
-        return Ok(Err(LedgerError::NotOpen(id.clone())));
-    }
-    sqlx::query("UPDATE api_keys SET reserved = reserved - $1, spent = spent + $2 WHERE id = $3")
-        .bind(i(held.0))
-        .bind(i(cost.0))
-        .bind(&key_id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(Ok(Settled { cost, held }))
-}
-
-fn key_from_row(row: &AnyRow) -> sqlx::Result<KeyRecord> {
+pub(crate) fn key_from_row(row: &AnyRow) -> sqlx::Result<KeyRecord> {
     let hash: Vec<u8> = row.try_get("hash")?;
     let priority: String = row.try_get("priority")?;
     let opt = |name: &str| -> sqlx::Result<Option<u64>> {
@@ -457,18 +247,15 @@ impl LedgerStore for SqlStore {
     }
 
     async fn reserve(&self, r: &Reservation) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.submit(Job::Reserve(r.clone(), tx), rx).await
+        self.writer.reserve(r).await
     }
 
     async fn progress(&self, id: &AttemptId, usage: TokenUsage) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.submit(Job::Progress(id.clone(), usage, tx), rx).await
+        self.writer.progress(id, usage).await
     }
 
     async fn settle(&self, id: &AttemptId, s: Settlement) -> Result<Settled> {
-        let (tx, rx) = oneshot::channel();
-        self.submit(Job::Settle(id.clone(), s, tx), rx).await
+        self.writer.settle(id, s).await
     }
 
     async fn recover(&self, node: &str, now: i64) -> Result<Recovery> {

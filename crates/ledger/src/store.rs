@@ -61,7 +61,10 @@ pub trait LedgerStore: Send + Sync {
     /// Replace the secret's hash; `false` when there is no such live key.
     async fn rotate_key(&self, id: &str, hash: [u8; 32]) -> Result<bool>;
 
-    /// TRY.
+    /// TRY. On return the hold is effective against every other reservation; it may
+    /// become durable with the request's next progress or settlement (which nothing is
+    /// released before). An id is used once: reusing one is refused (as a duplicate, or
+    /// for budget if that check fails first).
     async fn reserve(&self, r: &Reservation) -> Result<()>;
     /// Record what an open reservation has served so far, so that a crash bills it.
     async fn progress(&self, id: &AttemptId, usage: TokenUsage) -> Result<()>;

@@ -1,0 +1,179 @@
+//! The writer's statements on rusqlite (SQLite): prepared once, cached, executed in
+//! microseconds, so a group's cost is close to its one fsync.
+
+use crate::model::{utc_day, AttemptId, Reservation, Settled, Settlement, TokenUsage};
+use crate::price::Price;
+use crate::sql::{i, u};
+use crate::sql_text as q;
+use crate::store::{LedgerError, Result};
+use crate::writer::{Backend, DbResult, Held};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokenfab_types::NanoUsd;
+
+pub(crate) struct SqliteBackend {
+    conn: Connection,
+}
+
+fn db(e: rusqlite::Error) -> String {
+    e.to_string()
+}
+
+impl SqliteBackend {
+    /// Open the database file (its schema already created) for writing: WAL,
+    /// synchronous=FULL, so a commit is durable when it returns.
+    pub(crate) fn open(path: &str) -> DbResult<SqliteBackend> {
+        let conn = Connection::open(path).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db)?;
+        conn.set_prepared_statement_cache_capacity(32);
+        Ok(SqliteBackend { conn })
+    }
+}
+
+impl Backend for SqliteBackend {
+    async fn begin(&mut self) -> DbResult<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db)
+    }
+
+    async fn commit(&mut self) -> DbResult<()> {
+        self.conn.execute_batch("COMMIT").map_err(db)
+    }
+
+    async fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+
+    async fn reserve(&mut self, r: &Reservation) -> DbResult<Result<()>> {
+        let needed = r.amount();
+        let held = self
+            .conn
+            .prepare_cached(q::HOLD)
+            .and_then(|mut s| s.execute(params![i(needed.0), r.key_id]))
+            .map_err(db)?;
+        if held != 1 {
+            let key = self
+                .conn
+                .prepare_cached(q::KEY_STATE)
+                .and_then(|mut s| {
+                    s.query_row(params![r.key_id], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                    })
+                    .optional()
+                })
+                .map_err(db)?;
+            return Ok(Err(q::hold_failure(r, needed, key)));
+        }
+        let inserted = self
+            .conn
+            .prepare_cached(q::INSERT)
+            .and_then(|mut s| {
+                s.execute(params![
+                    r.id.request_id,
+                    i64::from(r.id.attempt),
+                    r.node,
+                    r.key_id,
+                    r.tenant.0,
+                    r.model,
+                    i(needed.0),
+                    i(r.price.prompt.0),
+                    i(r.price.cached.0),
+                    i(r.price.completion.0),
+                    utc_day(r.now),
+                    r.now
+                ])
+            })
+            .map_err(db)?;
+        if inserted != 1 {
+            self.conn
+                .prepare_cached(q::UNHOLD)
+                .and_then(|mut s| s.execute(params![i(needed.0), r.key_id]))
+                .map_err(db)?;
+            return Ok(Err(LedgerError::DuplicateReservation(r.id.clone())));
+        }
+        Ok(Ok(()))
+    }
+
+    async fn progress(&mut self, id: &AttemptId, usage: TokenUsage) -> DbResult<Result<()>> {
+        let done = self
+            .conn
+            .prepare_cached(q::PROGRESS)
+            .and_then(|mut s| {
+                s.execute(params![
+                    i(usage.prompt.0),
+                    i(usage.cached.0),
+                    i(usage.completion.0),
+                    id.request_id,
+                    i64::from(id.attempt)
+                ])
+            })
+            .map_err(db)?;
+        Ok(if done == 1 {
+            Ok(())
+        } else {
+            Err(LedgerError::NotOpen(id.clone()))
+        })
+    }
+
+    async fn held(&mut self, id: &AttemptId) -> DbResult<Option<Held>> {
+        self.conn
+            .prepare_cached(q::HELD)
+            .and_then(|mut s| {
+                s.query_row(params![id.request_id, i64::from(id.attempt)], |row| {
+                    let n = |k: usize| row.get::<_, i64>(k).map(|v| NanoUsd(u(v)));
+                    Ok(Held {
+                        key_id: row.get(0)?,
+                        amount: n(1)?,
+                        price: Price {
+                            prompt: n(2)?,
+                            cached: n(3)?,
+                            completion: n(4)?,
+                        },
+                    })
+                })
+                .optional()
+            })
+            .map_err(db)
+    }
+
+    async fn settle(
+        &mut self,
+        id: &AttemptId,
+        h: &Held,
+        s: Settlement,
+    ) -> DbResult<Result<Settled>> {
+        let usage = s.usage;
+        let cost = h.price.cost(usage.prompt, usage.cached, usage.completion);
+        let done = self
+            .conn
+            .prepare_cached(q::SETTLE)
+            .and_then(|mut st| {
+                st.execute(params![
+                    q::settled_state(&usage),
+                    s.outcome.as_str(),
+                    i(usage.prompt.0),
+                    i(usage.cached.0),
+                    i(usage.completion.0),
+                    i(cost.0),
+                    s.now,
+                    id.request_id,
+                    i64::from(id.attempt)
+                ])
+            })
+            .map_err(db)?;
+        if done != 1 {
+            return Ok(Err(LedgerError::NotOpen(id.clone())));
+        }
+        self.conn
+            .prepare_cached(q::CHARGE)
+            .and_then(|mut st| st.execute(params![i(h.amount.0), i(cost.0), h.key_id]))
+            .map_err(db)?;
+        Ok(Ok(Settled {
+            cost,
+            held: h.amount,
+        }))
+    }
+}
