@@ -29,7 +29,7 @@ impl LedgerArgs {
                 std::fs::create_dir_all(dir)?;
             }
         }
-        Ok(tokenfab_ledger::open(&url).await?)
+        Ok(tokenfab_ledger::open(&url, false).await?)
     }
 }
 

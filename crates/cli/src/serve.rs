@@ -44,7 +44,7 @@ async fn open_ledger(cfg: &Config) -> anyhow::Result<Arc<dyn LedgerStore>> {
                 .with_context(|| format!("cannot create ledger directory {}", dir.display()))?;
         }
     }
-    let ledger = tokenfab_ledger::open(&url)
+    let ledger = tokenfab_ledger::open(&url, true)
         .await
         .with_context(|| format!("cannot open the ledger at {url}"))?;
     let node = cfg.node();

@@ -332,14 +332,18 @@ async fn budget_race_admits_exactly_what_the_budget_covers() {
             let r = call(&url, Some(&key), &body, &[]).await;
             let status = r.status().as_u16();
             let v: Value = r.json().await.unwrap_or(Value::Null);
-            (status, code(&v))
+            (
+                status,
+                code(&v),
+                v["error"]["message"].as_str().unwrap_or("").to_owned(),
+            )
         }));
     }
     let mut ok = 0;
     for t in tasks {
         match t.await.expect("task") {
-            (200, _) => ok += 1,
-            (429, c) if c == "insufficient_quota" => {}
+            (200, _, _) => ok += 1,
+            (429, c, _) if c == "insufficient_quota" => {}
             other => panic!("unexpected answer in the race: {other:?}"),
         }
     }

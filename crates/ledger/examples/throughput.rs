@@ -19,7 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = args.get(1).cloned().unwrap_or(default);
     let clients: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
     let secs: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let store = tokenfab_ledger::open(&url).await?;
+    let store = tokenfab_ledger::open(&url, true).await?;
     let (key, _) = new_key(
         &KeySpec::new(TenantId("bench".into())),
         0,

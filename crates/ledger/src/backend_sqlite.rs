@@ -6,7 +6,7 @@ use crate::price::Price;
 use crate::sql::{i, u};
 use crate::sql_text as q;
 use crate::store::{LedgerError, Result};
-use crate::writer::{Backend, DbResult, Held};
+use crate::writer::{Backend, Balance, DbResult, Held};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokenfab_types::NanoUsd;
 
@@ -175,5 +175,22 @@ impl Backend for SqliteBackend {
             cost,
             held: h.amount,
         }))
+    }
+
+    async fn balance(&mut self, key_id: &str) -> DbResult<Option<Balance>> {
+        self.conn
+            .prepare_cached(q::BALANCE)
+            .and_then(|mut s| {
+                s.query_row(params![key_id], |row| {
+                    let n = |k: usize| row.get::<_, i64>(k).map(|v| NanoUsd(u(v)));
+                    Ok(Balance {
+                        budget: row.get::<_, Option<i64>>(0)?.map(|v| NanoUsd(u(v))),
+                        spent: n(1)?,
+                        reserved: n(2)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(db)
     }
 }

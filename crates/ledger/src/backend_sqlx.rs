@@ -5,7 +5,7 @@ use crate::price::Price;
 use crate::sql::{i, u};
 use crate::sql_text as q;
 use crate::store::{LedgerError, Result};
-use crate::writer::{Backend, DbResult, Held};
+use crate::writer::{Backend, Balance, DbResult, Held};
 use sqlx::{AnyConnection, Executor, Row};
 use tokenfab_types::NanoUsd;
 
@@ -156,6 +156,24 @@ impl Backend for SqlxBackend {
         Ok(Ok(Settled {
             cost,
             held: h.amount,
+        }))
+    }
+
+    async fn balance(&mut self, key_id: &str) -> DbResult<Option<Balance>> {
+        let row = sqlx::query(q::BALANCE)
+            .bind(key_id)
+            .fetch_optional(&mut self.conn)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let n = |k: usize| row.try_get::<i64, _>(k).map(|v| NanoUsd(u(v))).map_err(db);
+        Ok(Some(Balance {
+            budget: row
+                .try_get::<Option<i64>, _>(0)
+                .map_err(db)?
+                .map(|v| NanoUsd(u(v))),
+            spent: n(1)?,
+            reserved: n(2)?,
         }))
     }
 }

@@ -80,10 +80,16 @@ pub fn usd(v: f64) -> std::result::Result<NanoUsd, String> {
     Ok(NanoUsd((v * 1e9).round() as u64))
 }
 
-/// Open the store a `--ledger` value names: `memory`, `postgres://…`, or a SQLite path.
-pub async fn open(url: &str) -> Result<Arc<dyn LedgerStore>> {
+/// Open the store a `--ledger` value names: `memory`, `postgres://…`, or a SQLite path;
+/// `serving` for the gateway that reserves against it (see [`SqlStore::open_serving`]).
+pub async fn open(url: &str, serving: bool) -> Result<Arc<dyn LedgerStore>> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
     }
-    Ok(Arc::new(SqlStore::open(url).await?))
+    let store = if serving {
+        SqlStore::open_serving(url).await?
+    } else {
+        SqlStore::open(url).await?
+    };
+    Ok(Arc::new(store))
 }

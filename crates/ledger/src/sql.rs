@@ -11,8 +11,9 @@ use crate::model::{
     AttemptId, GroupBy, KeyRecord, Outcome, Recovery, Reservation, Settled, Settlement, TokenUsage,
     UsageQuery, UsageRow,
 };
+use crate::store::LedgerError;
 use crate::store::{Idempotency, IdempotencyClaim, LedgerStore, Result};
-use crate::writer::Writer;
+use crate::writer::{Mirror, Writer};
 use async_trait::async_trait;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
@@ -29,6 +30,28 @@ pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
     writer: Writer,
+    /// Held while serving from a SQLite file: one reserving process per file.
+    _lock: Option<std::fs::File>,
+}
+
+fn take_lock(db_path: &str) -> Result<std::fs::File> {
+    let path = format!("{db_path}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| LedgerError::Storage(format!("cannot open {path}: {e}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LedgerError::Storage(format!(
+            "another tokenfab process is serving from the SQLite ledger {db_path}; \
+             gateways that share a ledger must use PostgreSQL (--ledger postgres://…)"
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(LedgerError::Storage(format!("cannot lock {path}: {e}")))
+        }
+    }
 }
 
 pub(crate) fn i(v: u64) -> i64 {
@@ -80,8 +103,19 @@ fn schema(d: Dialect) -> [String; 5] {
 
 impl SqlStore {
     /// Open (creating if needed) the store at `url`: `postgres://…`, or a SQLite file path
-    /// (`sqlite://` prefix optional).
+    /// (`sqlite://` prefix optional). For tools (keys, usage) and tests.
     pub async fn open(url: &str) -> Result<SqlStore> {
+        Self::open_with(url, false).await
+    }
+
+    /// Open the store for a serving gateway. On SQLite this process becomes the one that
+    /// reserves against the file: it takes `<file>.lock` (a second gateway on the same
+    /// SQLite ledger is refused — share PostgreSQL instead) and holds budgets in memory.
+    pub async fn open_serving(url: &str) -> Result<SqlStore> {
+        Self::open_with(url, true).await
+    }
+
+    async fn open_with(url: &str, serving: bool) -> Result<SqlStore> {
         sqlx::any::install_default_drivers();
         let (dialect, url) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Dialect::Postgres, url.to_owned())
@@ -112,6 +146,7 @@ impl SqlStore {
             conn.execute(ddl.as_str()).await?;
         }
         drop(conn);
+        let mut lock = None;
         let writer = match dialect {
             Dialect::Sqlite => {
                 let path = url
@@ -119,24 +154,37 @@ impl SqlStore {
                     .unwrap_or(&url)
                     .trim_end_matches("?mode=rwc")
                     .to_owned();
-                Writer::spawn(move || Box::pin(async move { SqliteBackend::open(&path) }))?
+                let mirror = if serving {
+                    lock = Some(take_lock(&path)?);
+                    Some(Mirror::default())
+                } else {
+                    None
+                };
+                Writer::spawn(
+                    move || Box::pin(async move { SqliteBackend::open(&path) }),
+                    mirror,
+                )?
             }
             Dialect::Postgres => {
                 let opts = AnyConnectOptions::from_str(&url)?;
-                Writer::spawn(move || {
-                    Box::pin(async move {
-                        let conn = AnyConnection::connect_with(&opts)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        Ok(SqlxBackend { conn })
-                    })
-                })?
+                Writer::spawn(
+                    move || {
+                        Box::pin(async move {
+                            let conn = AnyConnection::connect_with(&opts)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            Ok(SqlxBackend { conn })
+                        })
+                    },
+                    None,
+                )?
             }
         };
         Ok(SqlStore {
             pool,
             dialect,
             writer,
+            _lock: lock,
         })
     }
 

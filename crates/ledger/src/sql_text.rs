@@ -7,6 +7,8 @@ pub(crate) const HOLD: &str = "UPDATE api_keys SET reserved = reserved + $1 WHER
 /// Why a hold failed: (revoked 0/1, budget, spent, reserved) of the key.
 pub(crate) const KEY_STATE: &str = "SELECT CAST(CASE WHEN revoked_at IS NULL THEN 0 ELSE 1 END
     AS BIGINT), budget, spent, reserved FROM api_keys WHERE id = $1";
+/// A key's (budget, spent, reserved).
+pub(crate) const BALANCE: &str = "SELECT budget, spent, reserved FROM api_keys WHERE id = $1";
 /// Undo a hold: $1 amount, $2 key id.
 pub(crate) const UNHOLD: &str = "UPDATE api_keys SET reserved = reserved - $1 WHERE id = $2";
 pub(crate) const INSERT: &str = "INSERT INTO reservations (request_id, attempt, node, key_id,

@@ -105,16 +105,42 @@ pub(crate) trait Backend {
         h: &Held,
         s: Settlement,
     ) -> DbResult<Result<Settled>>;
+    /// A key's committed budget state (for the mirror).
+    async fn balance(&mut self, key_id: &str) -> DbResult<Option<Balance>>;
+}
+
+/// A key's budget state as the writer knows it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Balance {
+    pub budget: Option<NanoUsd>,
+    pub spent: NanoUsd,
+    pub reserved: NanoUsd,
+}
+
+/// Budgets held in memory by the one process allowed to reserve against a SQLite
+/// ledger (it holds the ledger's lock file): a reserve is checked and held here at once
+/// and written behind, in order, by the writer — one writer round trip per request
+/// instead of two. A key enters the mirror after its first reservation went through the
+/// database; from then on the mirror is authoritative for it (the writer keeps it in step
+/// with settlements and with any hold the database refused).
+pub(crate) type Mirror = std::sync::Arc<std::sync::Mutex<MirrorState>>;
+
+#[derive(Default)]
+pub(crate) struct MirrorState {
+    balances: HashMap<String, Balance>,
+    /// Reservations held through the mirror and not yet settled.
+    open: std::collections::HashSet<AttemptId>,
 }
 
 /// The handle the store calls.
 pub(crate) struct Writer {
     tx: mpsc::Sender<Job>,
+    mirror: Option<Mirror>,
 }
 
 impl Writer {
     /// Start the writer on its own thread; `open` makes its backend there.
-    pub(crate) fn spawn<B, F>(open: F) -> Result<Writer>
+    pub(crate) fn spawn<B, F>(open: F, mirror: Option<Mirror>) -> Result<Writer>
     where
         B: Backend,
         F: FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = DbResult<B>>>>
@@ -123,6 +149,7 @@ impl Writer {
     {
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let task_mirror = mirror.clone();
         std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
@@ -143,6 +170,7 @@ impl Writer {
                             let task = Task {
                                 db: backend,
                                 held: HashMap::new(),
+                                mirror: task_mirror,
                             };
                             task.run(rx).await;
                         }
@@ -154,7 +182,7 @@ impl Writer {
             })
             .map_err(|e| LedgerError::Storage(format!("cannot start the ledger writer: {e}")))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Writer { tx }),
+            Ok(Ok(())) => Ok(Writer { tx, mirror }),
             Ok(Err(e)) => Err(LedgerError::Storage(format!("ledger writer: {e}"))),
             Err(_) => Err(LedgerError::Storage("ledger writer died at start".into())),
         }
@@ -173,9 +201,33 @@ impl Writer {
     }
 
     pub(crate) async fn reserve(&self, r: &Reservation) -> Result<()> {
+        if let Some(held) = self.hold_in_mirror(r)? {
+            held?;
+            // Written behind, in order; the request's next progress or settlement waits
+            // for a commit after it.
+            return self
+                .tx
+                .send(Job {
+                    op: Op::Reserve(r.clone()),
+                    reply: None,
+                })
+                .await
+                .map_err(|_| LedgerError::Storage("ledger writer stopped".into()));
+        }
         let (tx, rx) = oneshot::channel();
         self.submit(Op::Reserve(r.clone()), Reply::Unit(tx), rx)
             .await
+    }
+
+    /// `Some(outcome)` when the key's budget is in the mirror (held there if it fits).
+    fn hold_in_mirror(&self, r: &Reservation) -> Result<Option<Result<()>>> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(None);
+        };
+        let mut m = mirror
+            .lock()
+            .map_err(|_| LedgerError::Storage("ledger mirror lock poisoned".into()))?;
+        Ok(hold(&mut m, r))
     }
 
     pub(crate) async fn progress(&self, id: &AttemptId, usage: TokenUsage) -> Result<()> {
@@ -191,9 +243,40 @@ impl Writer {
     }
 }
 
+/// Hold `r` in the mirror: `None` when the mirror does not know its key yet. Once a key is
+/// known, every reserve of it — also one that reached the writer before the key was
+/// known — passes here first, so the mirror's order is the order of the holds.
+fn hold(m: &mut MirrorState, r: &Reservation) -> Option<Result<()>> {
+    if m.open.contains(&r.id) {
+        return Some(Err(LedgerError::DuplicateReservation(r.id.clone())));
+    }
+    let b = m.balances.get_mut(&r.key_id)?;
+    let needed = r.amount();
+    if let Some(budget) = b.budget {
+        let remaining = budget - b.spent - b.reserved;
+        if needed > remaining {
+            return Some(Err(LedgerError::InsufficientBudget { needed, remaining }));
+        }
+    }
+    b.reserved += needed;
+    m.open.insert(r.id.clone());
+    Some(Ok(()))
+}
+
 struct Task<B> {
     db: B,
     held: HashMap<AttemptId, Held>,
+    mirror: Option<Mirror>,
+}
+
+impl<B> Task<B> {
+    fn with_mirror(&self, f: impl FnOnce(&mut MirrorState)) {
+        if let Some(m) = &self.mirror {
+            if let Ok(mut m) = m.lock() {
+                f(&mut m);
+            }
+        }
+    }
 }
 
 impl<B: Backend> Task<B> {
@@ -229,33 +312,82 @@ impl<B: Backend> Task<B> {
         for (n, job) in jobs.iter_mut().enumerate() {
             match &job.op {
                 Op::Reserve(r) => {
-                    let res = if self.held.contains_key(&r.id) {
-                        Err(LedgerError::DuplicateReservation(r.id.clone()))
-                    } else {
-                        self.db.reserve(r).await?
-                    };
+                    // A reserve that reached the writer directly (`reply` present) is held
+                    // in the mirror first when the mirror knows its key.
+                    let mut mirrored = job.reply.is_none();
+                    let mut res = Ok(());
+                    if !mirrored {
+                        let held = self
+                            .mirror
+                            .as_ref()
+                            .and_then(|m| m.lock().ok().and_then(|mut m| hold(&mut m, r)));
+                        if let Some(held) = held {
+                            mirrored = true;
+                            res = held;
+                        }
+                    }
                     if res.is_ok() {
-                        made.push(r.clone());
+                        res = if self.held.contains_key(&r.id) {
+                            Err(LedgerError::DuplicateReservation(r.id.clone()))
+                        } else {
+                            self.db.reserve(r).await?
+                        };
+                        match (&res, mirrored) {
+                            (Ok(()), false) => self.with_mirror(|m| {
+                                m.open.insert(r.id.clone());
+                            }),
+                            (Err(e), true) => {
+                                // Held in memory, refused by the database: give it back.
+                                tracing::error!(error = %e, request = %r.id.request_id, "a reservation held in memory was refused by the ledger database");
+                                self.with_mirror(|m| {
+                                    m.open.remove(&r.id);
+                                    if let Some(b) = m.balances.get_mut(&r.key_id) {
+                                        b.reserved = b.reserved - r.amount();
+                                    }
+                                });
+                            }
+                            _ => {}
+                        }
+                        if res.is_ok() {
+                            made.push(r.clone());
+                        }
                     }
                     job.answer(Done::Unit(res));
                 }
                 Op::Progress(id, usage) => {
-                    after_commit.push((n, Done::Unit(self.db.progress(id, *usage).await?)));
+                    let done = Done::Unit(self.db.progress(id, *usage).await?);
+                    after_commit.push((n, done, None));
                 }
                 Op::Settle(id, s) => {
                     let held = match self.held.get(id) {
                         Some(h) => Some(h.clone()),
                         None => self.db.held(id).await?,
                     };
-                    let done = match held {
-                        None => Err(LedgerError::NotOpen(id.clone())),
-                        Some(h) => self.db.settle(id, &h, *s).await?,
+                    let (done, key) = match held {
+                        None => (Err(LedgerError::NotOpen(id.clone())), None),
+                        Some(h) => (self.db.settle(id, &h, *s).await?, Some(h.key_id)),
                     };
-                    after_commit.push((n, Done::Settled(done)));
+                    after_commit.push((n, Done::Settled(done), key));
                 }
             }
         }
         self.db.commit().await?;
+        if self.mirror.is_some() {
+            for r in &made {
+                let known = self
+                    .mirror
+                    .as_ref()
+                    .and_then(|m| m.lock().ok().map(|m| m.balances.contains_key(&r.key_id)))
+                    .unwrap_or(true);
+                if !known {
+                    if let Some(b) = self.db.balance(&r.key_id).await? {
+                        self.with_mirror(|m| {
+                            m.balances.entry(r.key_id.clone()).or_insert(b);
+                        });
+                    }
+                }
+            }
+        }
         for r in made {
             self.held.insert(
                 r.id.clone(),
@@ -266,11 +398,20 @@ impl<B: Backend> Task<B> {
                 },
             );
         }
-        for (n, done) in after_commit {
-            if let (Some(job), Done::Settled(Ok(_))) = (jobs.get(n), &done) {
+        for (n, done, key) in after_commit {
+            if let (Some(job), Done::Settled(Ok(settled)), Some(key)) = (jobs.get(n), &done, key) {
                 if let Op::Settle(id, _) = &job.op {
                     self.held.remove(id);
+                    self.with_mirror(|m| {
+                        m.open.remove(id);
+                    });
                 }
+                self.with_mirror(|m| {
+                    if let Some(b) = m.balances.get_mut(&key) {
+                        b.reserved = b.reserved - settled.held;
+                        b.spent += settled.cost;
+                    }
+                });
             }
             if let Some(job) = jobs.get_mut(n) {
                 job.answer(done);

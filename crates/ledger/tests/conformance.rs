@@ -55,3 +55,21 @@ async fn postgres_budget_race_across_four_writers() {
     }
     conformance::budget_race(&stores, 1000, 20).await;
 }
+
+/// The serving mode of SQLite: budgets held in memory, written behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_serving_store_conforms_and_is_exclusive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ledger.db").display().to_string();
+    let store = SqlStore::open_serving(&path).await.expect("open serving");
+    let second = SqlStore::open_serving(&path).await;
+    assert!(
+        second.is_err_and(|e| e.to_string().contains("PostgreSQL")),
+        "a second serving process on one SQLite file is refused"
+    );
+    let tool = SqlStore::open(&path)
+        .await
+        .expect("tools may still open it");
+    drop(tool);
+    conformance::run_all(Arc::new(store)).await;
+}
