@@ -263,6 +263,8 @@ mod tests {
         l.acquire(&k, 1, t0).expect("second concurrent");
         let e = l.acquire(&k, 1, t0).expect_err("third concurrent");
         assert!(e.message.contains("concurrent"), "{}", e.message);
+        l.release(&k.id, 0);
+        l.release(&k.id, 0);
         let big = l.acquire(&k, 101, t0 + Duration::from_secs(600));
         assert!(big.is_err_and(|e| e.message.contains("too large")));
     }
