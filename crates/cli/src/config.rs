@@ -16,7 +16,7 @@ pub struct Config {
     pub prices: BTreeMap<String, PriceConfig>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
     /// Ledger store: a SQLite file path, `postgres://…`, or `memory`. Empty: SQLite at
@@ -28,6 +28,21 @@ pub struct GatewaySection {
     /// This process's name in the ledger (a restart with the same name resolves what it
     /// left open). Empty: `<hostname>:<port>`.
     pub node: String,
+    /// Response cache (`x-tokenfab-cache: on`): most entries kept, and for how long.
+    pub response_cache_entries: usize,
+    pub response_cache_ttl_s: u64,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            ledger: String::new(),
+            admin_key: String::new(),
+            node: String::new(),
+            response_cache_entries: 10_000,
+            response_cache_ttl_s: 3600,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]

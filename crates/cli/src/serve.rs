@@ -5,7 +5,8 @@ use anyhow::Context;
 use std::sync::Arc;
 use tokenfab_engine::{Engine, EngineMetrics, ExecutorCapacity, Tokenizer};
 use tokenfab_gateway::{
-    AdminKey, AppState, AuthMode, GatewayConfig, HttpMetrics, KeyCache, Limiter, ServerLimits,
+    AdminKey, AppState, AuthMode, GatewayConfig, HttpMetrics, KeyCache, Limiter, ResponseCache,
+    ServerLimits,
 };
 use tokenfab_ledger::LedgerStore;
 use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig, LoadedModel};
@@ -151,6 +152,10 @@ async fn assemble(
         ledger,
         limiter: Arc::new(Limiter::default()),
         tracker: tracker.clone(),
+        cache: Arc::new(ResponseCache::new(
+            cfg.gateway.response_cache_entries,
+            std::time::Duration::from_secs(cfg.gateway.response_cache_ttl_s),
+        )),
     };
     Ok(App {
         router: tokenfab_gateway::router(state),

@@ -534,3 +534,60 @@ async fn idempotency_key_replays_without_running_or_billing_again() {
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("idempotent-replayed").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn response_cache_serves_deterministic_repeats_per_tenant_without_billing() {
+    let url = serve(keyed(config())).await;
+    let (_, a) = create_key(&url, json!({"tenant": "cache-a"})).await;
+    let (_, b) = create_key(&url, json!({"tenant": "cache-b"})).await;
+    let on = [("x-tokenfab-cache", "on")];
+    let body = short(json!({"temperature": 0}));
+    let state = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-tokenfab-cache")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let first = call(&url, Some(&a), &body, &on).await;
+    assert_eq!(state(&first).as_deref(), Some("miss"));
+    let first: Value = first.json().await.expect("json");
+    let again = call(&url, Some(&a), &body, &on).await;
+    assert_eq!(state(&again).as_deref(), Some("hit"));
+    assert_eq!(again.json::<Value>().await.expect("json"), first);
+    let (_, usage) = get(&url, "/v1/usage?group_by=tenant", Some(&a)).await;
+    assert_eq!(
+        usage["data"][0]["requests"], 1,
+        "a hit is not billed: {usage}"
+    );
+    let other = call(&url, Some(&b), &body, &on).await;
+    assert_eq!(
+        state(&other).as_deref(),
+        Some("miss"),
+        "never another tenant's entry"
+    );
+    let random = call(&url, Some(&a), &short(json!({"temperature": 0.9})), &on).await;
+    assert_eq!(state(&random).as_deref(), Some("bypass"));
+    let seeded = short(json!({"temperature": 0.9, "seed": 3}));
+    assert_eq!(
+        state(&call(&url, Some(&a), &seeded, &on).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        state(&call(&url, Some(&a), &seeded, &on).await).as_deref(),
+        Some("hit")
+    );
+    let streamed = call(
+        &url,
+        Some(&a),
+        &short(json!({"temperature": 0, "stream": true})),
+        &on,
+    )
+    .await;
+    assert_eq!(state(&streamed).as_deref(), Some("bypass"));
+    let bad = call(&url, Some(&a), &body, &[("x-tokenfab-cache", "yes")]).await;
+    assert_eq!(bad.status().as_u16(), 400);
+    assert!(
+        state(&call(&url, Some(&a), &body, &[]).await).is_none(),
+        "off unless asked"
+    );
+}

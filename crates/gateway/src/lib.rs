@@ -6,6 +6,7 @@
 
 mod admin;
 mod auth;
+mod cache;
 mod error;
 mod extract;
 mod idempotency;
@@ -22,6 +23,7 @@ mod validate;
 
 pub use admin::key_spec;
 pub use auth::{AdminKey, AuthMode, KeyCache};
+pub use cache::ResponseCache;
 pub use error::{status_of, ApiError};
 pub use limits::Limiter;
 pub use meter::unix_now;

@@ -2,6 +2,7 @@
 
 use crate::admin;
 use crate::auth::{self, Caller};
+use crate::cache;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::idempotency;
@@ -256,6 +257,10 @@ async fn chat(
         idempotency::Outcome::Run(c) => Some(c),
         idempotency::Outcome::None => None,
     };
+    let cached = s.cache.lookup(&caller, &s.model, &headers, &req, &spec)?;
+    if let cache::Lookup::Hit(body) = cached {
+        return Ok(cache::hit(body));
+    }
     let text = s
         .tokenizer
         .render_chat(&turns)
@@ -272,7 +277,9 @@ async fn chat(
             spec.include_usage,
             started,
         );
-        return Ok(decorate(resp, rate.as_ref(), &id));
+        let mut resp = decorate(resp, rate.as_ref(), &id);
+        cache::mark(&mut resp, &cached);
+        return Ok(resp);
     }
     let (content, finish_reason, usage, rate) = collect(started).await?;
     let body = ChatCompletion {
@@ -291,7 +298,7 @@ async fn chat(
         }],
         usage,
     };
-    let resp = respond(&body, claim).await?;
+    let resp = respond(&s, &body, claim, &cached).await?;
     Ok(decorate(resp, rate.as_ref(), &id))
 }
 
@@ -307,6 +314,10 @@ async fn completions(
         idempotency::Outcome::Run(c) => Some(c),
         idempotency::Outcome::None => None,
     };
+    let cached = s.cache.lookup(&caller, &s.model, &headers, &req, &spec)?;
+    if let cache::Lookup::Hit(body) = cached {
+        return Ok(cache::hit(body));
+    }
     let prompt = s.tokenizer.encode(&text);
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
@@ -319,7 +330,9 @@ async fn completions(
             spec.include_usage,
             started,
         );
-        return Ok(decorate(resp, rate.as_ref(), &id));
+        let mut resp = decorate(resp, rate.as_ref(), &id);
+        cache::mark(&mut resp, &cached);
+        return Ok(resp);
     }
     let (text, finish_reason, usage, rate) = collect(started).await?;
     let body = Completion {
@@ -335,26 +348,34 @@ async fn completions(
         }],
         usage: Some(usage),
     };
-    let resp = respond(&body, claim).await?;
+    let resp = respond(&s, &body, claim, &cached).await?;
     Ok(decorate(resp, rate.as_ref(), &id))
 }
 
-/// A JSON response, stored first under its idempotency claim (if any).
+/// A JSON response, stored first under its idempotency claim (if any) and in the
+/// response cache (on a miss).
 async fn respond<T: serde::Serialize>(
+    s: &AppState,
     body: &T,
     claim: Option<idempotency::Claim>,
+    cached: &cache::Lookup,
 ) -> Result<Response, ApiError> {
     let bytes =
         serde_json::to_vec(body).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     if let Some(c) = claim {
         c.complete(&bytes).await?;
     }
-    Ok((
+    if let cache::Lookup::Miss(key) = cached {
+        s.cache.store(*key, &bytes);
+    }
+    let mut resp = (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
         bytes,
     )
-        .into_response())
+        .into_response();
+    cache::mark(&mut resp, cached);
+    Ok(resp)
 }

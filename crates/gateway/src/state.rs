@@ -1,4 +1,5 @@
 use crate::auth::{AdminKey, AuthMode};
+use crate::cache::ResponseCache;
 use crate::limits::Limiter;
 use crate::metrics::HttpMetrics;
 use std::sync::Arc;
@@ -47,4 +48,5 @@ pub struct AppState {
     pub limiter: Arc<Limiter>,
     /// Settlements of dropped requests; graceful shutdown waits for them.
     pub tracker: TaskTracker,
+    pub cache: Arc<ResponseCache>,
 }
