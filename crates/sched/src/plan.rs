@@ -6,7 +6,7 @@ use crate::kv::BlockId;
 use crate::queue::Waiting;
 use crate::scheduler::{Running, Scheduler};
 use crate::step::{PrefixCopy, StepPlan, Work};
-use tokenfab_types::{Nanos, RequestId, SeqSlot, Tokens};
+use tokenfab_types::{Nanos, RequestId, SeqSlot, TenantId, Tokens};
 
 impl Scheduler {
     /// Hashes of prompt blocks that running sequences are still prefilling.
@@ -63,10 +63,79 @@ impl Scheduler {
         self.queue.push(r.req, Tokens(r.generated));
     }
 
+    /// When the running batch is full and the next request by policy is owed a place,
+    /// preempt one running sequence (the cheapest to recompute) to make it: a sequence of
+    /// a lower band than the waiting request, or — within its band — one of a tenant above
+    /// its weighted share of the batch while the waiting request's tenant is below its own.
+    /// Without this a tenant that fills the batch keeps every slot until its requests
+    /// finish, and another tenant's first token waits for them (noisy neighbour).
+    fn preempt_for_fair_share(&mut self) {
+        let full = self.cfg.max_running as usize;
+        if self.running.len() < full {
+            return;
+        }
+        let Some(next) = self.queue.peek(&self.fair) else {
+            return;
+        };
+        let (band, tenant, weight) = (next.req.band, next.req.tenant.clone(), next.req.weight);
+        let cheapest = |s: &Self, pick: &dyn Fn(&Running) -> bool| {
+            (0..s.running.len())
+                .filter(|&i| pick(&s.running[i]))
+                .min_by_key(|&i| {
+                    (
+                        s.running[i].computed,
+                        std::cmp::Reverse(s.running[i].req.arrival),
+                    )
+                })
+        };
+        let victim = if let Some(lowest) = self.running.iter().map(|r| r.req.band).max() {
+            if lowest > band {
+                cheapest(self, &|r: &Running| r.req.band == lowest)
+            } else {
+                // Weighted shares of the batch among the tenants of this band.
+                let mut tenants: Vec<(TenantId, u64, usize)> = Vec::new();
+                for r in self.running.iter().filter(|r| r.req.band == band) {
+                    match tenants.iter_mut().find(|t| t.0 == r.req.tenant) {
+                        Some(t) => t.2 += 1,
+                        None => {
+                            tenants.push((r.req.tenant.clone(), u64::from(r.req.weight.max(1)), 1))
+                        }
+                    }
+                }
+                if !tenants.iter().any(|t| t.0 == tenant) {
+                    tenants.push((tenant.clone(), u64::from(weight.max(1)), 0));
+                }
+                let total: u64 = tenants.iter().map(|t| t.1).sum();
+                // count < full × w / W, compared without division.
+                let below = |count: usize, w: u64| (count as u64) * total < full as u64 * w;
+                let above = |count: usize, w: u64| (count as u64) * total > full as u64 * w;
+                let mine = tenants.iter().find(|t| t.0 == tenant).map_or(0, |t| t.2);
+                let over: Vec<TenantId> = tenants
+                    .iter()
+                    .filter(|t| t.0 != tenant && above(t.2, t.1))
+                    .map(|t| t.0.clone())
+                    .collect();
+                if below(mine, u64::from(weight.max(1))) && !over.is_empty() {
+                    cheapest(self, &|r: &Running| {
+                        r.req.band == band && over.contains(&r.req.tenant)
+                    })
+                } else {
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(v) = victim {
+            self.preempt(v);
+        }
+    }
+
     /// Plan the next step.
     pub fn plan(&mut self, now: Nanos) -> StepPlan {
         debug_assert!(self.inflight.is_empty(), "plan while a step is in flight");
         self.now = self.now.max(now);
+        self.preempt_for_fair_share();
         let max_budget = u64::from(self.cfg.max_step_tokens);
         let mut budget = max_budget;
         let mut work: Vec<Work> = Vec::new();

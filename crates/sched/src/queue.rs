@@ -92,7 +92,6 @@ impl WaitQueue {
     }
 
     /// The request the policy would admit next, without removing it.
-    #[cfg(test)]
     pub(crate) fn peek(&self, fair: &Fairness) -> Option<&Waiting> {
         self.peek_where(fair, |_| false)
     }

@@ -205,6 +205,11 @@ impl Scheduler {
         }
     }
 
+    /// Whether a request is in the running batch (not waiting, not ended).
+    pub fn is_running(&self, id: RequestId) -> bool {
+        self.running.iter().any(|r| r.req.id == id)
+    }
+
     /// Nothing waiting, running or owed to the executor. Prefix-cache entries may remain.
     pub fn is_idle(&self) -> bool {
         self.queue.is_empty()

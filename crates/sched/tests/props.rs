@@ -321,3 +321,49 @@ fn shared_prefix_is_reused_within_a_tenant_only() {
     assert_eq!(h.s.stats().prefix_hit_tokens, 96);
     assert_eq!(h.s.check_invariants(), Ok(()));
 }
+
+/// A tenant that fills the running batch gives up a place as soon as another tenant of
+/// the same band waits: the newcomer's first token does not wait for the hog's requests
+/// to finish. And a higher band takes a place from a lower one the same way.
+#[test]
+fn a_full_batch_makes_room_for_a_tenant_below_its_share_and_for_a_higher_band() {
+    let mut cfg = config();
+    cfg.max_waiting = 20;
+    cfg.max_waiting_tokens = 10_000;
+    let mut h = Harness::new(cfg);
+    for _ in 0..6 {
+        h.arrive("hog", Band::Standard, 20, 30);
+    }
+    for _ in 0..4 {
+        h.step(0);
+    }
+    let running = |h: &Harness, t: &str| {
+        h.live
+            .iter()
+            .filter(|id| h.tenant_of[*id] == t && h.s.is_running(**id))
+            .count()
+    };
+    assert_eq!(running(&h, "hog"), 4, "the hog fills the batch");
+    h.arrive("newcomer", Band::Standard, 20, 5);
+    let first = h.live.iter().copied().max().expect("newcomer");
+    let mut steps = 0;
+    while !h.s.is_running(first) {
+        h.step(0);
+        steps += 1;
+        assert!(steps <= 2, "the newcomer waited for the hog");
+    }
+    assert_eq!(running(&h, "hog"), 3);
+    h.arrive("urgent", Band::Interactive, 20, 5);
+    let urgent = h.live.iter().copied().max().expect("urgent");
+    h.step(0);
+    assert!(
+        h.s.is_running(urgent),
+        "a higher band takes a place at once"
+    );
+    assert_eq!(h.s.check_invariants(), Ok(()));
+    while !h.s.is_idle() {
+        h.step(0);
+    }
+    assert!(h.live.is_empty());
+    assert!(h.ended.values().all(|n| *n == 1));
+}
