@@ -11,7 +11,7 @@ use tokenfab_sched::{
     prefix_hashes, Ended, FinishReason, Rejection, SchedConfig, SchedRequest, SchedSnapshot,
     Scheduler, StepResult,
 };
-use tokenfab_types::{ErrorCode, Nanos, RequestId, TokenId, Tokens};
+use tokenfab_types::{Band, ErrorCode, Nanos, RequestId, TokenId, Tokens};
 use tokio::sync::mpsc;
 
 /// Engine tuning that is not derived from the executor.
@@ -188,6 +188,7 @@ struct Active {
     sampling: SamplingParams,
     tx: mpsc::UnboundedSender<Event>,
     arrived: Instant,
+    band: Band,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
 }
@@ -313,6 +314,7 @@ impl<E: Executor> Loop<E> {
                         sampling,
                         tx,
                         arrived: Instant::now(),
+                        band: req.band,
                         first_token: None,
                         last_token: None,
                     },
@@ -356,9 +358,12 @@ impl<E: Executor> Loop<E> {
         for (id, slot) in &plan.start {
             if let Some(a) = self.active.get(id) {
                 if a.first_token.is_none() {
+                    let waited = a.arrived.elapsed().as_secs_f64();
+                    self.metrics.queue_time.observe(waited);
                     self.metrics
-                        .queue_time
-                        .observe(a.arrived.elapsed().as_secs_f64());
+                        .queue_time_band
+                        .with_label_values(&[a.band.as_str()])
+                        .observe(waited);
                 }
                 self.exec.begin(*slot, &a.sampling);
             }

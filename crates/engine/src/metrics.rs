@@ -3,7 +3,8 @@
 //! Labels are bounded: `model_name` (constant per engine), `band`, `finished_reason`.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use std::time::Duration;
 use tokenfab_sched::{Band, FinishReason, SchedSnapshot, SchedStats};
@@ -30,6 +31,7 @@ pub struct EngineMetrics {
     pub(crate) itl: Histogram,
     pub(crate) e2e: Histogram,
     pub(crate) queue_time: Histogram,
+    pub(crate) queue_time_band: HistogramVec,
     pub(crate) step_time: Histogram,
     prefix_queries: IntCounter,
     prefix_hits: IntCounter,
@@ -115,6 +117,13 @@ impl EngineMetrics {
                 "vllm:request_queue_time_seconds",
                 "Time from arrival to the first scheduled step.",
             ))?,
+            queue_time_band: HistogramVec::new(
+                hist(
+                    "tokenfab_engine_queue_time_seconds",
+                    "Time from arrival to the first scheduled step, by priority band.",
+                ),
+                &["band"],
+            )?,
             step_time: Histogram::with_opts(hist(
                 "tokenfab_engine_step_seconds",
                 "Duration of one executor step.",
@@ -152,6 +161,7 @@ impl EngineMetrics {
         registry.register(Box::new(m.itl.clone()))?;
         registry.register(Box::new(m.e2e.clone()))?;
         registry.register(Box::new(m.queue_time.clone()))?;
+        registry.register(Box::new(m.queue_time_band.clone()))?;
         registry.register(Box::new(m.step_time.clone()))?;
         registry.register(Box::new(m.prefix_queries.clone()))?;
         registry.register(Box::new(m.prefix_hits.clone()))?;
