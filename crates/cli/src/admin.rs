@@ -166,51 +166,38 @@ fn print_keys(keys: &[KeyRecord], format: Format) -> anyhow::Result<()> {
 }
 
 fn print_usage(rows: &[UsageRow], format: Format) -> anyhow::Result<()> {
-    match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(rows)?),
-        Format::Table | Format::Csv => {
-            let csv = matches!(format, Format::Csv);
-            let head = [
-                "group",
-                "requests",
-                "prompt_tokens",
-                "cached_tokens",
-                "completion_tokens",
-                "cost_usd",
-            ];
-            if csv {
-                println!("{}", head.join(","));
-            } else {
-                println!(
-                    "{:<24} {:>9} {:>14} {:>14} {:>18} {:>14}",
-                    head[0], head[1], head[2], head[3], head[4], head[5]
-                );
-            }
-            for r in rows {
-                let cost = usd(r.cost_nano_usd);
-                if csv {
-                    println!(
-                        "{},{},{},{},{},{}",
-                        r.group,
-                        r.requests,
-                        r.prompt_tokens,
-                        r.cached_tokens,
-                        r.completion_tokens,
-                        cost
-                    );
-                } else {
-                    println!(
-                        "{:<24} {:>9} {:>14} {:>14} {:>18} {:>14}",
-                        r.group,
-                        r.requests,
-                        r.prompt_tokens,
-                        r.cached_tokens,
-                        r.completion_tokens,
-                        cost
-                    );
-                }
-            }
-        }
+    if let Format::Json = format {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    let line = |cells: [String; 6]| match format {
+        Format::Csv => cells.join(","),
+        _ => format!(
+            "{:<24} {:>9} {:>14} {:>14} {:>18} {:>14}",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5]
+        ),
+    };
+    let head = [
+        "group",
+        "requests",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "cost_usd",
+    ];
+    println!("{}", line(head.map(str::to_owned)));
+    for r in rows {
+        println!(
+            "{}",
+            line([
+                r.group.clone(),
+                r.requests.to_string(),
+                r.prompt_tokens.to_string(),
+                r.cached_tokens.to_string(),
+                r.completion_tokens.to_string(),
+                usd(r.cost_nano_usd),
+            ])
+        );
     }
     Ok(())
 }

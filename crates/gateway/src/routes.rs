@@ -252,15 +252,10 @@ async fn chat(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (turns, spec) = validate::chat(&req, &s.model)?;
-    let claim = match idempotency::claim(&s, &caller, &headers, &req, spec.stream).await? {
-        idempotency::Outcome::Replay(resp) => return Ok(resp),
-        idempotency::Outcome::Run(c) => Some(c),
-        idempotency::Outcome::None => None,
+    let (claim, cached) = match before(&s, &caller, &headers, &req, &spec).await? {
+        Before::Answer(resp) => return Ok(resp),
+        Before::Run { claim, cached } => (claim, cached),
     };
-    let cached = s.cache.lookup(&caller, &s.model, &headers, &req, &spec)?;
-    if let cache::Lookup::Hit(body) = cached {
-        return Ok(cache::hit(body));
-    }
     let text = s
         .tokenizer
         .render_chat(&turns)
@@ -269,17 +264,7 @@ async fn chat(
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
     if spec.stream {
-        let rate = started.out.meter().rate.clone();
-        let resp = stream::sse(
-            Kind::Chat,
-            id.clone(),
-            s.model.clone(),
-            spec.include_usage,
-            started,
-        );
-        let mut resp = decorate(resp, rate.as_ref(), &id);
-        cache::mark(&mut resp, &cached);
-        return Ok(resp);
+        return Ok(streamed(&s, Kind::Chat, &id, &spec, started, &cached));
     }
     let (content, finish_reason, usage, rate) = collect(started).await?;
     let body = ChatCompletion {
@@ -309,30 +294,15 @@ async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (text, spec) = validate::completion(&req, &s.model)?;
-    let claim = match idempotency::claim(&s, &caller, &headers, &req, spec.stream).await? {
-        idempotency::Outcome::Replay(resp) => return Ok(resp),
-        idempotency::Outcome::Run(c) => Some(c),
-        idempotency::Outcome::None => None,
+    let (claim, cached) = match before(&s, &caller, &headers, &req, &spec).await? {
+        Before::Answer(resp) => return Ok(resp),
+        Before::Run { claim, cached } => (claim, cached),
     };
-    let cached = s.cache.lookup(&caller, &s.model, &headers, &req, &spec)?;
-    if let cache::Lookup::Hit(body) = cached {
-        return Ok(cache::hit(body));
-    }
     let prompt = s.tokenizer.encode(&text);
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
     if spec.stream {
-        let rate = started.out.meter().rate.clone();
-        let resp = stream::sse(
-            Kind::Text,
-            id.clone(),
-            s.model.clone(),
-            spec.include_usage,
-            started,
-        );
-        let mut resp = decorate(resp, rate.as_ref(), &id);
-        cache::mark(&mut resp, &cached);
-        return Ok(resp);
+        return Ok(streamed(&s, Kind::Text, &id, &spec, started, &cached));
     }
     let (text, finish_reason, usage, rate) = collect(started).await?;
     let body = Completion {
@@ -350,6 +320,57 @@ async fn completions(
     };
     let resp = respond(&s, &body, claim, &cached).await?;
     Ok(decorate(resp, rate.as_ref(), &id))
+}
+
+/// What is decided before a request runs: answer at once (an idempotent replay, a cache
+/// hit), or run it holding its idempotency claim and cache lookup.
+enum Before {
+    Answer(Response),
+    Run {
+        claim: Option<idempotency::Claim>,
+        cached: cache::Lookup,
+    },
+}
+
+async fn before<T: serde::Serialize>(
+    s: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    req: &T,
+    spec: &Spec,
+) -> Result<Before, ApiError> {
+    let claim = match idempotency::claim(s, caller, headers, req, spec.stream).await? {
+        idempotency::Outcome::Replay(resp) => return Ok(Before::Answer(resp)),
+        idempotency::Outcome::Run(c) => Some(c),
+        idempotency::Outcome::None => None,
+    };
+    let cached = s.cache.lookup(caller, &s.model, headers, req, spec)?;
+    if let cache::Lookup::Hit(body) = cached {
+        return Ok(Before::Answer(cache::hit(body)));
+    }
+    Ok(Before::Run { claim, cached })
+}
+
+/// The SSE response of a started request.
+fn streamed(
+    s: &AppState,
+    kind: Kind,
+    id: &str,
+    spec: &Spec,
+    started: Started,
+    cached: &cache::Lookup,
+) -> Response {
+    let rate = started.out.meter().rate.clone();
+    let resp = stream::sse(
+        kind,
+        id.to_owned(),
+        s.model.clone(),
+        spec.include_usage,
+        started,
+    );
+    let mut resp = decorate(resp, rate.as_ref(), id);
+    cache::mark(&mut resp, cached);
+    resp
 }
 
 /// A JSON response, stored first under its idempotency claim (if any) and in the

@@ -170,17 +170,8 @@ impl LedgerStore for MemoryStore {
             .retain(|_, (_, owner, done)| done.is_some() || owner != node);
         let mut rec = Recovery::default();
         for (id, usage) in open {
-            let s = Settlement {
-                usage,
-                outcome: Outcome::Recovered,
-                now,
-            };
-            settle_row(&mut st, &id, s)?;
-            if usage.is_empty() {
-                rec.released += 1;
-            } else {
-                rec.confirmed += 1;
-            }
+            settle_row(&mut st, &id, Settlement::recovered(usage, now))?;
+            rec.count(&usage);
         }
         Ok(rec)
     }

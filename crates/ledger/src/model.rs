@@ -163,6 +163,17 @@ pub struct Settlement {
     pub now: i64,
 }
 
+impl Settlement {
+    /// How a restart ends a reservation its node left open: at its recorded progress.
+    pub fn recovered(usage: TokenUsage, now: i64) -> Self {
+        Settlement {
+            usage,
+            outcome: Outcome::Recovered,
+            now,
+        }
+    }
+}
+
 /// What settling charged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settled {
@@ -178,6 +189,17 @@ pub struct Recovery {
     pub confirmed: u64,
     /// Nothing had been served: released.
     pub released: u64,
+}
+
+impl Recovery {
+    /// Count one reservation resolved at `usage`.
+    pub fn count(&mut self, usage: &TokenUsage) {
+        if usage.is_empty() {
+            self.released += 1;
+        } else {
+            self.confirmed += 1;
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

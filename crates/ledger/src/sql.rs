@@ -8,7 +8,7 @@
 use crate::backend_sqlite::SqliteBackend;
 use crate::backend_sqlx::SqlxBackend;
 use crate::model::{
-    AttemptId, GroupBy, KeyRecord, Outcome, Recovery, Reservation, Settled, Settlement, TokenUsage,
+    AttemptId, GroupBy, KeyRecord, Recovery, Reservation, Settled, Settlement, TokenUsage,
     UsageQuery, UsageRow,
 };
 use crate::store::LedgerError;
@@ -329,17 +329,8 @@ impl LedgerStore for SqlStore {
                 cached: Tokens(u(row.try_get(3)?)),
                 completion: Tokens(u(row.try_get(4)?)),
             };
-            let s = Settlement {
-                usage,
-                outcome: Outcome::Recovered,
-                now,
-            };
-            self.settle(&id, s).await?;
-            if usage.is_empty() {
-                rec.released += 1;
-            } else {
-                rec.confirmed += 1;
-            }
+            self.settle(&id, Settlement::recovered(usage, now)).await?;
+            rec.count(&usage);
         }
         Ok(rec)
     }
