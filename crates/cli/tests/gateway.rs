@@ -30,19 +30,7 @@ fn prompt_priced(mut c: Config) -> Config {
 }
 
 async fn create_key(url: &str, spec: Value) -> (String, String) {
-    let r = client()
-        .post(format!("{url}/admin/v1/keys"))
-        .bearer_auth(ADMIN)
-        .json(&spec)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 201, "create key");
-    let v: Value = r.json().await.expect("json");
-    (
-        v["id"].as_str().expect("id").to_owned(),
-        v["key"].as_str().expect("key").to_owned(),
-    )
+    common::create_key(url, ADMIN, spec).await
 }
 
 async fn call(
@@ -427,13 +415,6 @@ async fn tenants_are_isolated_in_usage_and_prefix_cache() {
     assert_eq!(v["data"][0]["group"], "tenant-b");
 }
 
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// Mixed load with client disconnects: the ledger bills exactly the completion tokens the
 /// engine handed to requests, and no reservation stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -476,15 +457,7 @@ async fn ledger_totals_equal_what_the_engine_handed_out() {
         }
     }
     assert_eq!(totals["requests"], 12, "every reservation ended: {totals}");
-    let text = client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let delivered = metric(&text, "tokenfab_engine_delivered_tokens_total");
+    let delivered = common::metric(&url, "tokenfab_engine_delivered_tokens_total").await as u64;
     assert!(delivered > 0);
     assert_eq!(
         totals["completion_tokens"].as_u64(),

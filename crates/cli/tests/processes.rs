@@ -80,17 +80,7 @@ async fn admin_get(url: &str, path: &str) -> Value {
 }
 
 async fn create_key(url: &str, spec: Value) -> String {
-    let v: Value = client()
-        .post(format!("{url}/admin/v1/keys"))
-        .bearer_auth(ADMIN)
-        .json(&spec)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
-    v["key"].as_str().expect("key").to_owned()
+    common::create_key(url, ADMIN, spec).await.1
 }
 
 /// Count the content chunks a client received before the server died.

@@ -112,6 +112,23 @@ pub async fn metric(url: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} missing from /metrics"))
 }
 
+/// Create an API key through the admin API; (key id, secret).
+pub async fn create_key(url: &str, admin: &str, spec: serde_json::Value) -> (String, String) {
+    let r = client()
+        .post(format!("{url}/admin/v1/keys"))
+        .bearer_auth(admin)
+        .json(&spec)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 201, "create key");
+    let v: serde_json::Value = r.json().await.expect("json");
+    (
+        v["id"].as_str().expect("id").to_owned(),
+        v["key"].as_str().expect("key").to_owned(),
+    )
+}
+
 pub async fn get_json(url: &str, path: &str) -> serde_json::Value {
     client()
         .get(format!("{url}{path}"))
