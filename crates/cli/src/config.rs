@@ -31,6 +31,9 @@ pub struct GatewaySection {
     /// Response cache (`x-tokenfab-cache: on`): most entries kept, and for how long.
     pub response_cache_entries: usize,
     pub response_cache_ttl_s: u64,
+    /// Where rate-limit counters live: empty = in this process; `redis://…` = in Redis,
+    /// shared by all replicas pointing at it.
+    pub rate_limits: String,
 }
 
 impl Default for GatewaySection {
@@ -41,6 +44,7 @@ impl Default for GatewaySection {
             node: String::new(),
             response_cache_entries: 10_000,
             response_cache_ttl_s: 3600,
+            rate_limits: String::new(),
         }
     }
 }

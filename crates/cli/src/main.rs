@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// This process's name in the ledger. Default: <hostname>:<port>.
     #[arg(long, env = "TOKENFAB_NODE")]
     node: Option<String>,
+    /// Keep rate-limit counters in Redis (`redis://host:port/db`), shared by every
+    /// gateway replica using the same URL. Default: in this process.
+    #[arg(long, env = "TOKENFAB_RATE_LIMITS")]
+    rate_limits: Option<String>,
 }
 
 impl ServeArgs {
@@ -145,6 +149,9 @@ impl ServeArgs {
         }
         if let Some(v) = &self.node {
             c.gateway.node.clone_from(v);
+        }
+        if let Some(v) = &self.rate_limits {
+            c.gateway.rate_limits.clone_from(v);
         }
         Ok(c)
     }

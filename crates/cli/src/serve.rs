@@ -10,7 +10,7 @@ use tokenfab_gateway::{
 };
 use tokenfab_ledger::LedgerStore;
 use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig, LoadedModel};
-use tokenfab_sim::{ByteTokenizer, ModelExecutor, StepProfile};
+use tokenfab_sim::{ByteTokenizer, MockSpec, ModelExecutor};
 use tokio_util::task::TaskTracker;
 
 /// A ready server: the HTTP router and the engine behind it.
@@ -83,7 +83,7 @@ pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::
 /// `--mock PROFILE`: the same engine loop and scheduler over a timing model that emits
 /// placeholder tokens, served as model `mock`.
 async fn build_mock(cfg: &Config) -> anyhow::Result<App> {
-    let profile = StepProfile::parse(&cfg.model.mock)?;
+    let spec = MockSpec::parse(&cfg.model.mock)?;
     let registry = prometheus::Registry::new();
     let engine_metrics = EngineMetrics::new(&registry, MOCK_MODEL)?;
     let capacity = ExecutorCapacity {
@@ -93,7 +93,7 @@ async fn build_mock(cfg: &Config) -> anyhow::Result<App> {
         max_batch_tokens: cfg.scheduler.max_step_tokens,
     };
     let engine = Engine::spawn(cfg.engine(), engine_metrics, move || {
-        Ok(ModelExecutor::new(profile, capacity))
+        Ok(ModelExecutor::new(spec, capacity))
     })?;
     assemble(
         cfg,
@@ -150,7 +150,7 @@ async fn assemble(
         auth,
         admin,
         ledger,
-        limiter: Arc::new(Limiter::default()),
+        limiter: Arc::new(limiter(cfg).await?),
         tracker: tracker.clone(),
         cache: Arc::new(ResponseCache::new(
             cfg.gateway.response_cache_entries,
@@ -164,6 +164,23 @@ async fn assemble(
         keyed,
         tracker,
     })
+}
+
+/// Rate-limit counters where `cfg` puts them.
+async fn limiter(cfg: &Config) -> anyhow::Result<Limiter> {
+    let url = &cfg.gateway.rate_limits;
+    if url.is_empty() {
+        return Ok(Limiter::local());
+    }
+    if !url.starts_with("redis://") && !url.starts_with("rediss://") && !url.starts_with("unix://")
+    {
+        anyhow::bail!(
+            "gateway.rate_limits must be empty (this process) or a redis:// URL, not {url:?}"
+        );
+    }
+    let limiter = Limiter::redis(url).await.map_err(anyhow::Error::msg)?;
+    tracing::info!("rate limits shared through Redis");
+    Ok(limiter)
 }
 
 /// The connection limits `cfg` asks for.

@@ -446,24 +446,95 @@ async fn ledger_totals_equal_what_the_engine_handed_out() {
     for t in tasks {
         t.await.expect("task");
     }
-    // Cancelled requests settle on background tasks: wait for the ledger to close them.
+    assert_parity(&url, 12).await;
+}
+
+/// Once every one of `requests` reservations has ended (cancelled requests settle on
+/// background tasks, so wait for them), the ledger's completion tokens equal what the
+/// engine handed out.
+async fn assert_parity(url: &str, requests: u64) {
     let mut totals = Value::Null;
     for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (_, v) = get(&url, "/admin/v1/usage?group_by=tenant", Some(ADMIN)).await;
-        if v["data"][0]["requests"] == 12 {
+        let (_, v) = get(url, "/admin/v1/usage?group_by=tenant", Some(ADMIN)).await;
+        if v["data"][0]["requests"] == requests {
             totals = v["data"][0].clone();
             break;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(totals["requests"], 12, "every reservation ended: {totals}");
-    let delivered = common::metric(&url, "tokenfab_engine_delivered_tokens_total").await as u64;
+    assert_eq!(
+        totals["requests"], requests,
+        "every reservation ended: {totals}"
+    );
+    let delivered = common::metric(url, "tokenfab_engine_delivered_tokens_total").await as u64;
     assert!(delivered > 0);
     assert_eq!(
         totals["completion_tokens"].as_u64(),
         Some(delivered),
         "ledger completion tokens equal the engine's delivered tokens"
     );
+}
+
+/// Parity through upstream failures on a durable ledger: an engine whose every 9th step
+/// fails (fault injection in the timing model), streams and whole responses, a third of
+/// the clients disconnecting. Afterwards the ledger bills exactly the tokens the engine
+/// handed out, every reservation has ended exactly once (one row per request, none open),
+/// and the failures were reported to the clients as errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_totals_equal_the_engine_through_failures_and_disconnects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = dir.path().join("ledger.db");
+    let mut cfg = keyed(config());
+    cfg.model.mock = "linear:3:0,fail-every=9".into();
+    cfg.gateway.ledger = ledger.display().to_string();
+    let url = common::serve_mock(cfg).await;
+    let (_, key) = create_key(&url, json!({"tenant": "faults"})).await;
+    let requests = 30u64;
+    let mut tasks = Vec::new();
+    for n in 0..requests {
+        let (url, key) = (url.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let stream = n % 2 == 0;
+            let body = json!({"model": "mock", "max_tokens": 8 + n % 12, "stream": stream,
+                "messages": [{"role": "user", "content": format!("request {n}")}]});
+            let r = call(&url, Some(&key), &body, &[]).await;
+            let status = r.status().as_u16();
+            if n % 3 == 0 {
+                let mut s = r.bytes_stream();
+                let _ = futures::StreamExt::next(&mut s).await;
+                drop(s);
+                return (status, false);
+            }
+            let text = String::from_utf8_lossy(&r.bytes().await.expect("body")).into_owned();
+            (status, text.contains("\"error\""))
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        let (status, error) = t.await.expect("task");
+        assert!(status == 200 || status == 500, "status {status}");
+        if status == 500 || error {
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "the injected failures reached some clients");
+    assert_parity(&url, requests).await;
+    // The rows themselves: one per request, none open, none twice.
+    let store = tokenfab_ledger::SqlStore::open(&ledger.display().to_string())
+        .await
+        .expect("open the ledger file");
+    use tokenfab_ledger::LedgerStore;
+    assert_eq!(store.open_reservations().await.expect("count"), 0);
+    let rows = store
+        .usage(&tokenfab_ledger::UsageQuery {
+            tenant: None,
+            key_id: None,
+            since: None,
+            group_by: tokenfab_ledger::GroupBy::Key,
+        })
+        .await
+        .expect("usage");
+    assert_eq!(rows.iter().map(|r| r.requests).sum::<u64>(), requests);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -67,6 +67,18 @@ async fn start(dir: &Path, port: u16, completion_price: f64, extra: &[&str]) -> 
     panic!("tokenfab serve did not come up on {}", server.url);
 }
 
+/// `n` gateway processes sharing the ledger at `db`, each with its own node name.
+async fn gateways(dir: &Path, n: usize, db: &str, extra: &[&str]) -> Vec<Server> {
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let node = format!("gw-{i}");
+        let mut flags = vec!["--ledger", db, "--node", node.as_str()];
+        flags.extend_from_slice(extra);
+        servers.push(start(dir, free_port(), 0.0, &flags).await);
+    }
+    servers
+}
+
 async fn admin_get(url: &str, path: &str) -> Value {
     client()
         .get(format!("{url}{path}"))
@@ -165,19 +177,7 @@ async fn four_gateways_share_one_postgres_budget_exactly() {
     };
     let db = pg.database().expect("createdb");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers = Vec::new();
-    for n in 0..4 {
-        let node = format!("gw-{n}");
-        let flags = [
-            "--ledger",
-            db.as_str(),
-            "--node",
-            node.as_str(),
-            "--max-waiting",
-            "1000",
-        ];
-        servers.push(start(dir.path(), free_port(), 0.0, &flags).await);
-    }
+    let servers = gateways(dir.path(), 4, &db, &["--max-waiting", "1000"]).await;
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let probe = create_key(&urls[0], json!({"tenant": "probe"})).await;
     let body = chat_body("Say hi.", json!({"max_tokens": 1, "temperature": 0}));
@@ -229,5 +229,67 @@ async fn four_gateways_share_one_postgres_budget_exactly() {
         k["spent"].as_u64(),
         Some(20 * per),
         "spent exactly the budget"
+    );
+}
+
+/// Rate limits shared through Redis: two gateway processes (one PostgreSQL ledger, one
+/// Redis) and a key allowing 10 requests per minute; 100 concurrent requests spread over
+/// both → exactly 10 succeed, the rest get 429 with OpenAI's rate-limit headers. With
+/// per-process counters each gateway would have allowed 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_share_one_rate_limit_through_redis() {
+    let test = "two_gateways_share_one_rate_limit_through_redis";
+    let Some(pg) = postgres_or_skip(test) else {
+        return;
+    };
+    let Some(redis) = tokenfab_gateway::testkit::redis_or_skip(test) else {
+        return;
+    };
+    let db = pg.database().expect("createdb");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = gateways(dir.path(), 2, &db, &["--rate-limits", &redis.url()]).await;
+    let key = create_key(&servers[0].url, json!({"tenant": "rl", "rpm": 10})).await;
+    let body = chat_body("Say hi.", json!({"max_tokens": 1, "temperature": 0}));
+    let mut tasks = Vec::new();
+    for n in 0..100 {
+        let (url, key, body) = (servers[n % 2].url.clone(), key.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .expect("send");
+            let h = |name: &str| {
+                r.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let headers = (
+                h("x-ratelimit-limit-requests"),
+                h("x-ratelimit-remaining-requests"),
+                h("retry-after"),
+            );
+            (r.status().as_u16(), headers)
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (status, (limit, remaining, retry)) = t.await.expect("task");
+        assert_eq!(limit.as_deref(), Some("10"), "status {status}");
+        match status {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(remaining.as_deref(), Some("0"));
+                assert!(retry.is_some(), "429 without Retry-After");
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(
+        ok, 10,
+        "one shared limit of 10 per minute across both gateways"
     );
 }

@@ -1,14 +1,18 @@
 //! Per-key rate limits: requests per minute, tokens per minute and concurrent requests.
 //!
 //! Token buckets refilled continuously (a limit of N per minute holds N and refills N/60
-//! per second). Checks and takes happen under one lock, all-or-nothing, so limits are exact
-//! under any concurrency within this process. Tokens are taken as prompt + max_tokens at
+//! per second). A check takes everything it needs or nothing, in one atomic step, so
+//! limits are exact under any concurrency. Tokens are taken as prompt + max_tokens at
 //! admission and the unused part is refunded when the request ends.
 //!
-//! Counters live in this process: with several gateway replicas each enforces its own
-//! limits (shared counters in Redis are not built yet; see ARCHITECTURE.md).
+//! Two places hold the counters, one decision rule ([`decide`]):
+//! - [`Limiter::local`]: in this process, under one lock (one gateway).
+//! - [`Limiter::redis`] (`limits_redis.rs`): in Redis, checked and taken by one Lua script
+//!   on Redis's clock, so any number of gateway replicas share one limit instead of each
+//!   allowing the full limit.
 
 use crate::error::ApiError;
+use crate::limits_redis::RedisLimits;
 use axum::http::{HeaderMap, HeaderValue};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -43,6 +47,22 @@ impl Bucket {
         self.at = now;
     }
 
+    fn level(&self) -> Level {
+        Level {
+            cap: self.cap,
+            level: self.level,
+        }
+    }
+}
+
+/// A bucket's capacity and current level, wherever it is kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Level {
+    pub cap: f64,
+    pub level: f64,
+}
+
+impl Level {
     /// Time until `n` would be available (zero if it is).
     fn wait_for(&self, n: f64) -> Duration {
         if self.level >= n {
@@ -54,6 +74,114 @@ impl Bucket {
 
     fn until_full(&self) -> Duration {
         self.wait_for(self.cap)
+    }
+}
+
+/// What a check found, before anything is taken.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Levels {
+    pub rpm: Option<Level>,
+    pub tpm: Option<Level>,
+    pub active: u64,
+}
+
+/// Why a request is refused, or `None` when it may take `tokens`. The one rule both
+/// counter stores apply (the Redis script encodes the same order of checks).
+pub(crate) fn refusal(
+    levels: &Levels,
+    tokens: u64,
+    max_concurrency: Option<u64>,
+) -> Option<Refusal> {
+    if max_concurrency.is_some_and(|max| levels.active >= max) {
+        return Some(Refusal::Concurrency);
+    }
+    if levels.rpm.is_some_and(|b| b.level < 1.0) {
+        return Some(Refusal::Requests);
+    }
+    if let Some(b) = levels.tpm {
+        if tokens as f64 > b.cap {
+            return Some(Refusal::TooLarge);
+        }
+        if b.level < tokens as f64 {
+            return Some(Refusal::Tokens);
+        }
+    }
+    None
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Concurrency,
+    Requests,
+    TooLarge,
+    Tokens,
+}
+
+impl Refusal {
+    /// The 429 for this refusal; `levels` as found (nothing taken).
+    pub(crate) fn error(self, levels: &Levels, tokens: u64, key: &KeyRecord) -> ApiError {
+        let rate = levels.info();
+        let (message, wait) = match self {
+            Refusal::Concurrency => (
+                format!(
+                    "Too many concurrent requests for this key (limit {}).",
+                    key.max_concurrency.unwrap_or(0)
+                ),
+                Duration::from_secs(1),
+            ),
+            Refusal::Requests => {
+                let b = levels.rpm.unwrap_or(Level {
+                    cap: 0.0,
+                    level: 0.0,
+                });
+                (
+                    format!("Rate limit reached: {} requests per minute.", b.cap),
+                    b.wait_for(1.0),
+                )
+            }
+            Refusal::TooLarge => {
+                let b = levels.tpm.unwrap_or(Level {
+                    cap: 0.0,
+                    level: 0.0,
+                });
+                (
+                    format!(
+                        "Request too large: it may use {tokens} tokens (prompt + max_tokens) \
+                         but this key allows {} tokens per minute.",
+                        b.cap
+                    ),
+                    b.until_full(),
+                )
+            }
+            Refusal::Tokens => {
+                let b = levels.tpm.unwrap_or(Level {
+                    cap: 0.0,
+                    level: 0.0,
+                });
+                (
+                    format!(
+                        "Rate limit reached: {} tokens per minute (this request reserves {tokens}).",
+                        b.cap
+                    ),
+                    b.wait_for(tokens as f64),
+                )
+            }
+        };
+        let mut e = ApiError::new(ErrorCode::RateLimited, message);
+        e.retry_after = Some(Nanos::from(wait.max(Duration::from_millis(1))));
+        e.rate = Some(Box::new(rate));
+        e
+    }
+}
+
+impl Levels {
+    pub(crate) fn info(&self) -> RateInfo {
+        let part =
+            |b: &Option<Level>| b.map(|b| (b.cap as u64, b.level.max(0.0) as u64, b.until_full()));
+        RateInfo {
+            requests: part(&self.rpm),
+            tokens: part(&self.tpm),
+        }
     }
 }
 
@@ -106,29 +234,58 @@ impl RateInfo {
     }
 }
 
-#[derive(Default)]
-pub struct Limiter {
-    keys: Mutex<HashMap<String, KeyState>>,
+/// The rate limits of every key, in this process or in Redis.
+pub enum Limiter {
+    Local(LocalLimits),
+    Redis(Box<RedisLimits>),
 }
 
-fn info(st: &KeyState) -> RateInfo {
-    let part =
-        |b: &Option<Bucket>| b.map(|b| (b.cap as u64, b.level.max(0.0) as u64, b.until_full()));
-    RateInfo {
-        requests: part(&st.rpm),
-        tokens: part(&st.tpm),
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter::local()
     }
 }
 
-fn limited(message: String, wait: Duration, rate: RateInfo) -> ApiError {
-    let mut e = ApiError::new(ErrorCode::RateLimited, message);
-    e.retry_after = Some(Nanos::from(wait.max(Duration::from_millis(1))));
-    e.rate = Some(Box::new(rate));
-    e
+impl Limiter {
+    pub fn local() -> Self {
+        Limiter::Local(LocalLimits::default())
+    }
+
+    /// Counters shared through the Redis server at `url` (`redis://host:port/db`).
+    pub async fn redis(url: &str) -> Result<Self, String> {
+        Ok(Limiter::Redis(Box::new(RedisLimits::connect(url).await?)))
+    }
+
+    /// Admit request `request_id` of `tokens` (prompt + max_tokens) for `key`, or say why
+    /// not.
+    pub async fn acquire(
+        &self,
+        key: &KeyRecord,
+        tokens: u64,
+        request_id: &str,
+    ) -> Result<RateInfo, ApiError> {
+        match self {
+            Limiter::Local(l) => l.acquire(key, tokens, Instant::now()),
+            Limiter::Redis(r) => r.acquire(key, tokens, request_id).await,
+        }
+    }
+
+    /// The request ended: free its concurrency slot and refund tokens it did not use.
+    pub async fn release(&self, key: &KeyRecord, request_id: &str, refund_tokens: u64) {
+        match self {
+            Limiter::Local(l) => l.release(&key.id, refund_tokens),
+            Limiter::Redis(r) => r.release(key, request_id, refund_tokens).await,
+        }
+    }
 }
 
-impl Limiter {
-    /// Admit one request of `tokens` (prompt + max_tokens) for `key`, or say why not.
+/// Counters in this process, under one lock.
+#[derive(Default)]
+pub struct LocalLimits {
+    keys: Mutex<HashMap<String, KeyState>>,
+}
+
+impl LocalLimits {
     pub fn acquire(
         &self,
         key: &KeyRecord,
@@ -148,48 +305,13 @@ impl Limiter {
                     .refill(cap, now),
             }
         }
-        if let Some(max) = key.max_concurrency {
-            if st.active >= max {
-                return Err(limited(
-                    format!("Too many concurrent requests for this key (limit {max})."),
-                    Duration::from_secs(1),
-                    info(st),
-                ));
-            }
-        }
-        if let Some(b) = &st.rpm {
-            let wait = b.wait_for(1.0);
-            if !wait.is_zero() {
-                return Err(limited(
-                    format!("Rate limit reached: {} requests per minute.", b.cap),
-                    wait,
-                    info(st),
-                ));
-            }
-        }
-        if let Some(b) = &st.tpm {
-            if tokens as f64 > b.cap {
-                return Err(limited(
-                    format!(
-                        "Request too large: it may use {tokens} tokens (prompt + max_tokens) \
-                         but this key allows {} tokens per minute.",
-                        b.cap
-                    ),
-                    b.until_full(),
-                    info(st),
-                ));
-            }
-            let wait = b.wait_for(tokens as f64);
-            if !wait.is_zero() {
-                return Err(limited(
-                    format!(
-                        "Rate limit reached: {} tokens per minute (this request reserves {tokens}).",
-                        b.cap
-                    ),
-                    wait,
-                    info(st),
-                ));
-            }
+        let levels = Levels {
+            rpm: st.rpm.map(|b| b.level()),
+            tpm: st.tpm.map(|b| b.level()),
+            active: st.active,
+        };
+        if let Some(r) = refusal(&levels, tokens, key.max_concurrency) {
+            return Err(r.error(&levels, tokens, key));
         }
         if let Some(b) = &mut st.rpm {
             b.level -= 1.0;
@@ -198,10 +320,14 @@ impl Limiter {
             b.level -= tokens as f64;
         }
         st.active += 1;
-        Ok(info(st))
+        Ok(Levels {
+            rpm: st.rpm.map(|b| b.level()),
+            tpm: st.tpm.map(|b| b.level()),
+            active: st.active,
+        }
+        .info())
     }
 
-    /// The request ended: free its concurrency slot and refund tokens it did not use.
     pub fn release(&self, key_id: &str, refund_tokens: u64) {
         if let Ok(mut keys) = self.keys.lock() {
             if let Some(st) = keys.get_mut(key_id) {
@@ -230,7 +356,7 @@ mod tests {
 
     #[test]
     fn rpm_is_exact_and_refills() {
-        let l = Limiter::default();
+        let l = LocalLimits::default();
         let k = key(Some(3), None, None);
         let t0 = Instant::now();
         for _ in 0..3 {
@@ -253,7 +379,7 @@ mod tests {
 
     #[test]
     fn tpm_refunds_unused_tokens_and_concurrency_is_bounded() {
-        let l = Limiter::default();
+        let l = LocalLimits::default();
         let k = key(None, Some(100), Some(2));
         let t0 = Instant::now();
         l.acquire(&k, 60, t0).expect("fits");

@@ -18,9 +18,17 @@ use tokenfab_ledger::{
 use tokenfab_types::{ErrorCode, Tokens};
 use tokio_util::task::TaskTracker;
 
+/// Rate-limit capacity a request holds until it ends.
+struct Held {
+    limiter: Arc<Limiter>,
+    key: KeyRecord,
+    request_id: String,
+    tokens: u64,
+}
+
 pub struct Meter {
     ledger: Option<(Arc<dyn LedgerStore>, AttemptId)>,
-    limit: Option<(Arc<Limiter>, String, u64)>,
+    limit: Option<Held>,
     tracker: TaskTracker,
     usage: TokenUsage,
     ended: bool,
@@ -55,8 +63,13 @@ pub async fn admit(
         return Ok(meter);
     };
     let tokens = prompt + max_completion;
-    meter.rate = Some(s.limiter.acquire(key, tokens, std::time::Instant::now())?);
-    meter.limit = Some((s.limiter.clone(), key.id.clone(), tokens));
+    meter.rate = Some(s.limiter.acquire(key, tokens, request_id).await?);
+    meter.limit = Some(Held {
+        limiter: s.limiter.clone(),
+        key: key.clone(),
+        request_id: request_id.to_owned(),
+        tokens,
+    });
     let r = Reservation {
         id: AttemptId::new(request_id, 0),
         node: s.config.node.clone(),
@@ -129,10 +142,33 @@ impl Meter {
         self.usage
     }
 
+    /// Give back the concurrency slot and the reserved tokens not used: at once when the
+    /// counters are local, on a tracked task when they are in Redis.
     fn release_limits(&mut self) {
-        if let Some((limiter, key, reserved)) = self.limit.take() {
-            let used = self.usage.prompt.0 + self.usage.completion.0;
-            limiter.release(&key, reserved.saturating_sub(used));
+        let Some(held) = self.limit.take() else {
+            return;
+        };
+        let refund = held
+            .tokens
+            .saturating_sub(self.usage.prompt.0 + self.usage.completion.0);
+        if let Limiter::Local(l) = &*held.limiter {
+            l.release(&held.key.id, refund);
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                self.tracker.spawn_on(
+                    async move {
+                        held.limiter
+                            .release(&held.key, &held.request_id, refund)
+                            .await
+                    },
+                    &rt,
+                );
+            }
+            Err(_) => {
+                tracing::warn!(key = %held.key.id, "no runtime to release a rate-limit slot; its lease frees it")
+            }
         }
     }
 }

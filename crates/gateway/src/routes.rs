@@ -261,7 +261,7 @@ async fn chat(
         .render_chat(&turns)
         .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))?;
     let prompt = s.tokenizer.encode(&text);
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let id = response_id("chatcmpl");
     let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
     if spec.stream {
         return Ok(streamed(&s, Kind::Chat, &id, &spec, started, &cached));
@@ -299,7 +299,7 @@ async fn completions(
         Before::Run { claim, cached } => (claim, cached),
     };
     let prompt = s.tokenizer.encode(&text);
-    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let id = response_id("cmpl");
     let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
     if spec.stream {
         return Ok(streamed(&s, Kind::Text, &id, &spec, started, &cached));
@@ -399,4 +399,12 @@ async fn respond<T: serde::Serialize>(
         .into_response();
     cache::mark(&mut resp, cached);
     Ok(resp)
+}
+
+/// A new response id, `<prefix>-<uuid>`. Time-ordered (UUID v7): the id is also the
+/// ledger row's key, and ids that grow keep each group commit's index writes on the
+/// B-tree's last page instead of one random page per request (measured: the writer's
+/// fsync and pwrite time is what bounds the keyed gateway's throughput).
+fn response_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
 }

@@ -4,7 +4,11 @@
 //! group rather than per request.
 //!
 //! When each call returns:
-//! - `progress` and `settle` after the commit that holds them: durable.
+//! - `progress` and `settle` once the commit that holds them is durable. On SQLite the
+//!   commit itself does not fsync (WAL, `synchronous=NORMAL`, which keeps the file
+//!   consistent); a second thread, the syncer, fsyncs the WAL after it and only then
+//!   answers. The next group's statements run while that fsync waits, and one fsync
+//!   covers every commit made meanwhile. PostgreSQL commits are durable when they return.
 //! - `reserve` as soon as its conditional `UPDATE` has run, before the commit. That is
 //!   safe because nothing a reservation pays for is released before a later `progress`
 //!   or `settle` of the same request, which this writer commits in order after it: if the
@@ -48,31 +52,107 @@ struct Job {
 
 impl Job {
     fn answer(&mut self, done: Done) {
-        match (self.reply.take(), done) {
-            (Some(Reply::Unit(tx)), Done::Unit(r)) => {
-                let _ = tx.send(r);
-            }
-            (Some(Reply::Settled(tx)), Done::Settled(r)) => {
-                let _ = tx.send(r);
-            }
-            (Some(Reply::Unit(tx)), Done::Settled(_)) => {
-                let _ = tx.send(Err(LedgerError::Storage("mismatched reply".into())));
-            }
-            (Some(Reply::Settled(tx)), Done::Unit(_)) => {
-                let _ = tx.send(Err(LedgerError::Storage("mismatched reply".into())));
-            }
-            (None, _) => {}
+        if let Some(reply) = self.reply.take() {
+            deliver(reply, done);
         }
     }
 
     fn fail(&mut self, e: &str) {
-        let err = LedgerError::Storage(e.to_owned());
-        let done = match self.reply {
-            Some(Reply::Settled(_)) => Done::Settled(Err(err)),
-            _ => Done::Unit(Err(err)),
-        };
-        self.answer(done);
+        if let Some(reply) = self.reply.take() {
+            let settled = reply_kind(&reply);
+            deliver(reply, failure(settled, e));
+        }
     }
+}
+
+fn reply_kind(r: &Reply) -> bool {
+    matches!(r, Reply::Settled(_))
+}
+
+/// The failure a reply of this kind (`true` = settlement) carries.
+fn failure(settled: bool, e: &str) -> Done {
+    let err = LedgerError::Storage(e.to_owned());
+    if settled {
+        Done::Settled(Err(err))
+    } else {
+        Done::Unit(Err(err))
+    }
+}
+
+fn deliver(reply: Reply, done: Done) {
+    let mismatched = || LedgerError::Storage("mismatched reply".into());
+    match (reply, done) {
+        (Reply::Unit(tx), Done::Unit(r)) => {
+            let _ = tx.send(r);
+        }
+        (Reply::Settled(tx), Done::Settled(r)) => {
+            let _ = tx.send(r);
+        }
+        (Reply::Unit(tx), Done::Settled(_)) => {
+            let _ = tx.send(Err(mismatched()));
+        }
+        (Reply::Settled(tx), Done::Unit(_)) => {
+            let _ = tx.send(Err(mismatched()));
+        }
+    }
+}
+
+/// Answers that wait for their commit to be durable.
+type Answers = Vec<(Reply, Done)>;
+
+/// Where committed answers go: answered at once when `commit` was durable by itself
+/// (PostgreSQL, or SQLite with FULL sync), or handed to the syncer thread when the
+/// backend leaves the fsync to the writer (see [`Backend::deferred_sync`]).
+enum Durability {
+    AtCommit,
+    Syncer(std::sync::mpsc::Sender<Answers>),
+}
+
+impl Durability {
+    fn release(&self, answers: Answers) {
+        match self {
+            Durability::AtCommit => answers.into_iter().for_each(|(r, d)| deliver(r, d)),
+            Durability::Syncer(tx) => {
+                if let Err(std::sync::mpsc::SendError(answers)) = tx.send(answers) {
+                    for (r, _) in answers {
+                        let kind = reply_kind(&r);
+                        deliver(r, failure(kind, "the ledger syncer stopped"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The syncer: fsyncs `file` once for everything committed since its last fsync, then
+/// answers those commits — so the next group's statements run while this fsync waits, and
+/// one fsync covers every commit that finished while the previous one ran.
+fn spawn_syncer(file: std::path::PathBuf) -> std::io::Result<std::sync::mpsc::Sender<Answers>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Answers>();
+    std::thread::Builder::new()
+        .name("ledger-sync".into())
+        .spawn(move || {
+            while let Ok(mut answers) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    answers.extend(more);
+                }
+                // Opened each time: SQLite may replace the file between syncs.
+                let synced = std::fs::File::open(&file).and_then(|f| f.sync_data());
+                if let Err(e) = &synced {
+                    tracing::error!(error = %e, file = %file.display(), "ledger fsync failed; the requests it covered end in errors");
+                }
+                for (reply, done) in answers {
+                    match &synced {
+                        Ok(()) => deliver(reply, done),
+                        Err(e) => {
+                            let kind = reply_kind(&reply);
+                            deliver(reply, failure(kind, &format!("ledger fsync failed: {e}")));
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 /// What a reservation holds, so settling it needs no read when this writer made it.
@@ -107,6 +187,11 @@ pub(crate) trait Backend {
     ) -> DbResult<Result<Settled>>;
     /// A key's committed budget state (for the mirror).
     async fn balance(&mut self, key_id: &str) -> DbResult<Option<Balance>>;
+    /// The file whose fsync makes a `commit` durable, when `commit` leaves that to the
+    /// writer; `None` when a commit returns durable.
+    fn deferred_sync(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// A key's budget state as the writer knows it.
@@ -166,11 +251,22 @@ impl Writer {
                 rt.block_on(async move {
                     match open().await {
                         Ok(backend) => {
+                            let durability = match backend.deferred_sync() {
+                                None => Durability::AtCommit,
+                                Some(file) => match spawn_syncer(file) {
+                                    Ok(tx) => Durability::Syncer(tx),
+                                    Err(e) => {
+                                        let _ = ready_tx.send(Err(e.to_string()));
+                                        return;
+                                    }
+                                },
+                            };
                             let _ = ready_tx.send(Ok(()));
                             let task = Task {
                                 db: backend,
                                 held: HashMap::new(),
                                 mirror: task_mirror,
+                                durability,
                             };
                             task.run(rx).await;
                         }
@@ -267,6 +363,7 @@ struct Task<B> {
     db: B,
     held: HashMap<AttemptId, Held>,
     mirror: Option<Mirror>,
+    durability: Durability,
 }
 
 impl<B> Task<B> {
@@ -283,11 +380,15 @@ impl<B: Backend> Task<B> {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut jobs = Vec::with_capacity(MAX_GROUP);
         while rx.recv_many(&mut jobs, MAX_GROUP).await > 0 {
-            if let Err(e) = self.apply(&mut jobs).await {
-                tracing::warn!(error = %e, jobs = jobs.len(), "ledger group commit failed; retrying one by one");
-                for job in &mut jobs {
-                    if let Err(e) = self.apply(std::slice::from_mut(job)).await {
-                        job.fail(&e);
+            match self.apply(&mut jobs).await {
+                Ok(answers) => self.durability.release(answers),
+                Err(e) => {
+                    tracing::warn!(error = %e, jobs = jobs.len(), "ledger group commit failed; retrying one by one");
+                    for job in &mut jobs {
+                        match self.apply(std::slice::from_mut(job)).await {
+                            Ok(answers) => self.durability.release(answers),
+                            Err(e) => job.fail(&e),
+                        }
                     }
                 }
             }
@@ -295,7 +396,7 @@ impl<B: Backend> Task<B> {
         }
     }
 
-    async fn apply(&mut self, jobs: &mut [Job]) -> DbResult<()> {
+    async fn apply(&mut self, jobs: &mut [Job]) -> DbResult<Answers> {
         self.db.begin().await?;
         let r = self.apply_in(jobs).await;
         if r.is_err() {
@@ -304,9 +405,9 @@ impl<B: Backend> Task<B> {
         r
     }
 
-    /// One transaction over `jobs`; answers every job once its effect is where its
-    /// contract says (see the module doc).
-    async fn apply_in(&mut self, jobs: &mut [Job]) -> DbResult<()> {
+    /// One transaction over `jobs`. Reserves are answered here; the answers that must wait
+    /// for the commit to be durable are returned (see the module doc).
+    async fn apply_in(&mut self, jobs: &mut [Job]) -> DbResult<Answers> {
         let mut after_commit = Vec::with_capacity(jobs.len());
         let mut made = Vec::new();
         for (n, job) in jobs.iter_mut().enumerate() {
@@ -398,8 +499,10 @@ impl<B: Backend> Task<B> {
                 },
             );
         }
+        let mut answers = Vec::with_capacity(after_commit.len());
         for (n, done, key) in after_commit {
-            if let (Some(job), Done::Settled(Ok(settled)), Some(key)) = (jobs.get(n), &done, key) {
+            let Some(job) = jobs.get_mut(n) else { continue };
+            if let (Done::Settled(Ok(settled)), Some(key)) = (&done, key) {
                 if let Op::Settle(id, _) = &job.op {
                     self.held.remove(id);
                     self.with_mirror(|m| {
@@ -413,10 +516,10 @@ impl<B: Backend> Task<B> {
                     }
                 });
             }
-            if let Some(job) = jobs.get_mut(n) {
-                job.answer(done);
+            if let Some(reply) = job.reply.take() {
+                answers.push((reply, done));
             }
         }
-        Ok(())
+        Ok(answers)
     }
 }

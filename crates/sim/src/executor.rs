@@ -1,20 +1,26 @@
 //! An executor that models an accelerator's timing instead of running kernels.
 
-use crate::profile::StepProfile;
+use crate::profile::MockSpec;
 use tokenfab_engine::{BatchEntry, ExecError, Executor, ExecutorCapacity, Sampled, SamplingParams};
 use tokenfab_types::{SeqSlot, TokenId};
 
 /// Placeholder tokens (`a`..`z` by position) after the profile's step time, slept in real
 /// time: the engine loop, scheduler and everything in front of them behave as with a real
-/// accelerator of that speed. It never ends a generation itself (`max_tokens` does).
+/// accelerator of that speed. It never ends a generation itself (`max_tokens` does). With
+/// `fail_every`, every N-th step fails instead (fault injection).
 pub struct ModelExecutor {
-    profile: StepProfile,
+    spec: MockSpec,
     capacity: ExecutorCapacity,
+    steps: u64,
 }
 
 impl ModelExecutor {
-    pub fn new(profile: StepProfile, capacity: ExecutorCapacity) -> Self {
-        ModelExecutor { profile, capacity }
+    pub fn new(spec: MockSpec, capacity: ExecutorCapacity) -> Self {
+        ModelExecutor {
+            spec,
+            capacity,
+            steps: 0,
+        }
     }
 }
 
@@ -33,9 +39,20 @@ impl Executor for ModelExecutor {
 
     fn run(&mut self, batch: &[BatchEntry<'_>]) -> Result<Vec<Sampled>, ExecError> {
         let tokens: u64 = batch.iter().map(|e| e.tokens.len() as u64).sum();
-        let t = self.profile.step_time(tokens, batch.len() as u64);
+        let t = self.spec.profile.step_time(tokens, batch.len() as u64);
         if t.0 > 0 {
             std::thread::sleep(t.into());
+        }
+        self.steps += 1;
+        if self
+            .spec
+            .fail_every
+            .is_some_and(|n| self.steps.is_multiple_of(n))
+        {
+            return Err(ExecError::Failed(format!(
+                "injected failure at step {}",
+                self.steps
+            )));
         }
         Ok(batch
             .iter()

@@ -13,5 +13,5 @@ mod profile;
 mod tokenizer;
 
 pub use executor::ModelExecutor;
-pub use profile::{ProfileError, StepProfile};
+pub use profile::{MockSpec, ProfileError, StepProfile};
 pub use tokenizer::ByteTokenizer;

@@ -11,8 +11,38 @@ pub struct StepProfile {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown mock profile {0:?}: use `instant` or `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`")]
+#[error("unknown mock profile {0:?}: use `instant` or `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`, optionally followed by `,fail-every=N`")]
 pub struct ProfileError(pub String);
+
+/// What `--mock` runs: a step-time profile and, for fault-injection tests, a step that
+/// fails every `fail_every` steps (as a crashed kernel or lost device would).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MockSpec {
+    pub profile: StepProfile,
+    pub fail_every: Option<u64>,
+}
+
+impl MockSpec {
+    /// `PROFILE[,fail-every=N]`, e.g. `linear:2:50,fail-every=9`.
+    pub fn parse(s: &str) -> Result<MockSpec, ProfileError> {
+        let mut parts = s.split(',');
+        let profile = StepProfile::parse(parts.next().unwrap_or_default())?;
+        let mut spec = MockSpec {
+            profile,
+            fail_every: None,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("fail-every", n)) => {
+                    let n = n.parse::<u64>().ok().filter(|n| *n > 0);
+                    spec.fail_every = Some(n.ok_or_else(|| ProfileError(s.to_owned()))?);
+                }
+                _ => return Err(ProfileError(s.to_owned())),
+            }
+        }
+        Ok(spec)
+    }
+}
 
 impl StepProfile {
     /// `instant` (no time at all) or `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`.
@@ -57,5 +87,10 @@ mod tests {
         assert_eq!(p.step_time(100, 2), Nanos(10_000_000 + 5_000_000 + 400_000));
         assert!(StepProfile::parse("h100").is_err());
         assert!(StepProfile::parse("linear:-1:2").is_err());
+        let m = MockSpec::parse("linear:1:2,fail-every=9").expect("valid");
+        assert_eq!((m.profile.base, m.fail_every), (Nanos(1_000_000), Some(9)));
+        assert_eq!(MockSpec::parse("instant"), Ok(MockSpec::default()));
+        assert!(MockSpec::parse("instant,fail-every=0").is_err());
+        assert!(MockSpec::parse("instant,explode").is_err());
     }
 }

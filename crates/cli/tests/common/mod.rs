@@ -32,10 +32,20 @@ pub fn config() -> Config {
 
 /// Start a server with `cfg` on a free port; returns its base URL.
 pub async fn serve(cfg: Config) -> String {
-    let limits = tokenfab::serve::limits(&cfg);
     let app = tokenfab::serve::build_with_model(&cfg, model())
         .await
         .expect("build app");
+    listen(&cfg, app).await
+}
+
+/// Start a server over the timing model `cfg.model.mock` (no model loaded).
+pub async fn serve_mock(cfg: Config) -> String {
+    let app = tokenfab::serve::build(&cfg).await.expect("build mock app");
+    listen(&cfg, app).await
+}
+
+async fn listen(cfg: &Config, app: tokenfab::serve::App) -> String {
+    let limits = tokenfab::serve::limits(cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
