@@ -55,6 +55,9 @@ pub enum KeysCommand {
         /// Fair-share weight against other tenants.
         #[arg(long)]
         weight: Option<u32>,
+        /// Answer the key's deterministic requests from the response cache by default.
+        #[arg(long)]
+        response_cache: bool,
         #[command(flatten)]
         ledger: LedgerArgs,
     },
@@ -217,17 +220,19 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 budget_usd,
                 priority,
                 weight,
+                response_cache,
                 ledger,
             } => {
-                let spec = tokenfab_gateway::key_spec(
-                    &tenant,
+                let spec = tokenfab_gateway::key_spec(&tokenfab_gateway::KeyParams {
+                    tenant,
                     rpm,
                     tpm,
                     max_concurrency,
                     budget_usd,
-                    priority.as_deref(),
+                    priority,
                     weight,
-                )
+                    response_cache,
+                })
                 .map_err(spec_error)?;
                 let store = ledger.open().await?;
                 let (rec, text) =

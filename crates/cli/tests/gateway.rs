@@ -634,4 +634,18 @@ async fn response_cache_serves_deterministic_repeats_per_tenant_without_billing(
         state(&call(&url, Some(&a), &body, &[]).await).is_none(),
         "off unless asked"
     );
+    // A key created with the cache on uses it without the header; `off` opts out.
+    let (_, c) = create_key(&url, json!({"tenant": "cache-c", "response_cache": true})).await;
+    assert_eq!(
+        state(&call(&url, Some(&c), &body, &[]).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        state(&call(&url, Some(&c), &body, &[]).await).as_deref(),
+        Some("hit")
+    );
+    let off = [("x-tokenfab-cache", "off")];
+    assert!(state(&call(&url, Some(&c), &body, &off).await).is_none());
+    let (_, keys) = get(&url, "/admin/v1/keys?tenant=cache-c", Some(ADMIN)).await;
+    assert_eq!(keys["data"][0]["response_cache"], true);
 }

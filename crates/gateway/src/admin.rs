@@ -42,29 +42,26 @@ async fn require_admin(State(s): State<AppState>, req: Request, next: Next) -> R
     }
 }
 
-#[derive(Deserialize)]
+/// What a new key should allow: the body of `POST /admin/v1/keys` and the flags of
+/// `tokenfab keys create`.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
-    tenant: String,
-    rpm: Option<u64>,
-    tpm: Option<u64>,
-    max_concurrency: Option<u64>,
-    budget_usd: Option<f64>,
-    priority: Option<String>,
-    weight: Option<u32>,
+pub struct KeyParams {
+    pub tenant: String,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub max_concurrency: Option<u64>,
+    pub budget_usd: Option<f64>,
+    pub priority: Option<String>,
+    pub weight: Option<u32>,
+    /// Response cache on by default for the key's requests.
+    #[serde(default)]
+    pub response_cache: bool,
 }
 
-/// Shared by the admin API and `tokenfab keys create`: a key spec from its parts.
-#[allow(clippy::too_many_arguments)]
-pub fn key_spec(
-    tenant: &str,
-    rpm: Option<u64>,
-    tpm: Option<u64>,
-    max_concurrency: Option<u64>,
-    budget_usd: Option<f64>,
-    priority: Option<&str>,
-    weight: Option<u32>,
-) -> Result<KeySpec, ApiError> {
+/// A key spec from its parameters, checked.
+pub fn key_spec(p: &KeyParams) -> Result<KeySpec, ApiError> {
+    let tenant = p.tenant.as_str();
     let tenant_ok = (1..=64).contains(&tenant.len())
         && tenant
             .bytes()
@@ -76,22 +73,23 @@ pub fn key_spec(
         ));
     }
     let mut spec = KeySpec::new(TenantId(tenant.to_owned()));
-    spec.rpm = rpm;
-    spec.tpm = tpm;
-    spec.max_concurrency = max_concurrency;
-    if let Some(b) = budget_usd {
+    spec.rpm = p.rpm;
+    spec.tpm = p.tpm;
+    spec.max_concurrency = p.max_concurrency;
+    spec.response_cache = p.response_cache;
+    if let Some(b) = p.budget_usd {
         spec.budget =
             Some(tokenfab_ledger::usd(b).map_err(|e| ApiError::invalid("budget_usd", e))?);
     }
-    if let Some(p) = priority {
-        spec.priority = Band::parse(p).ok_or_else(|| {
+    if let Some(band) = &p.priority {
+        spec.priority = Band::parse(band).ok_or_else(|| {
             ApiError::invalid(
                 "priority",
                 "priority must be interactive, standard or batch",
             )
         })?;
     }
-    if let Some(w) = weight {
+    if let Some(w) = p.weight {
         if !(1..=1000).contains(&w) {
             return Err(ApiError::invalid("weight", "weight must be 1-1000"));
         }
@@ -110,17 +108,9 @@ fn key_json(k: &KeyRecord, secret: Option<&str>) -> serde_json::Value {
 
 async fn create_key(
     State(s): State<AppState>,
-    ApiJson(req): ApiJson<CreateKey>,
+    ApiJson(req): ApiJson<KeyParams>,
 ) -> Result<Response, ApiError> {
-    let spec = key_spec(
-        &req.tenant,
-        req.rpm,
-        req.tpm,
-        req.max_concurrency,
-        req.budget_usd,
-        req.priority.as_deref(),
-        req.weight,
-    )?;
+    let spec = key_spec(&req)?;
     let (rec, text) = tokenfab_ledger::issue_key(s.ledger.as_ref(), &spec, unix_now()).await?;
     Ok((StatusCode::CREATED, Json(key_json(&rec, Some(&text)))).into_response())
 }

@@ -1,4 +1,5 @@
-//! Exact response cache, opt-in per request (`x-tokenfab-cache: on`).
+//! Exact response cache, opt-in per request (`x-tokenfab-cache: on`) or per key (created
+//! with `response_cache`; a request opts out with `x-tokenfab-cache: off`).
 //!
 //! The key is SHA-256 over the tenant, the served model and the canonical request (the
 //! parsed request serialised again, sampling parameters included), so one tenant can never
@@ -59,13 +60,15 @@ impl ResponseCache {
         request: &T,
         spec: &Spec,
     ) -> Result<Lookup, ApiError> {
+        let key_default = caller.0.as_ref().is_some_and(|k| k.response_cache);
         match headers.get(HEADER).map(|v| v.to_str()) {
-            None => return Ok(Lookup::Off),
+            None if key_default => {}
+            None | Some(Ok("off")) => return Ok(Lookup::Off),
             Some(Ok("on")) => {}
             Some(_) => {
                 return Err(ApiError::new(
                     ErrorCode::InvalidRequest,
-                    "x-tokenfab-cache must be `on`.",
+                    "x-tokenfab-cache must be `on` or `off`.",
                 ))
             }
         }

@@ -23,7 +23,7 @@ mod stream;
 pub mod testkit;
 mod validate;
 
-pub use admin::key_spec;
+pub use admin::{key_spec, KeyParams};
 pub use auth::{AdminKey, AuthMode, KeyCache};
 pub use cache::ResponseCache;
 pub use error::{status_of, ApiError};

@@ -46,6 +46,7 @@ pub fn new_key(spec: &KeySpec, now: i64, rng: &mut impl rand::RngCore) -> (KeyRe
         reserved: NanoUsd(0),
         priority: spec.priority,
         weight: spec.weight.max(1),
+        response_cache: spec.response_cache,
         created_at: now,
         revoked: false,
     };

@@ -14,6 +14,9 @@ pub struct KeySpec {
     pub budget: Option<NanoUsd>,
     pub priority: Band,
     pub weight: u32,
+    /// Answer this key's deterministic requests from the response cache by default
+    /// (a request's `x-tokenfab-cache: off` still opts out).
+    pub response_cache: bool,
 }
 
 impl KeySpec {
@@ -26,6 +29,7 @@ impl KeySpec {
             budget: None,
             priority: Band::Standard,
             weight: 1,
+            response_cache: false,
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct KeyRecord {
     pub reserved: NanoUsd,
     pub priority: Band,
     pub weight: u32,
+    /// Response cache on by default for this key's requests.
+    pub response_cache: bool,
     /// Unix seconds.
     pub created_at: i64,
     pub revoked: bool,

@@ -74,7 +74,8 @@ fn schema(d: Dialect) -> [String; 5] {
                 rpm BIGINT, tpm BIGINT, max_concurrency BIGINT, budget BIGINT,
                 spent BIGINT NOT NULL DEFAULT 0, reserved BIGINT NOT NULL DEFAULT 0,
                 priority TEXT NOT NULL, weight BIGINT NOT NULL,
-                created_at BIGINT NOT NULL, revoked_at BIGINT)"
+                created_at BIGINT NOT NULL, revoked_at BIGINT,
+                response_cache BIGINT NOT NULL DEFAULT 0)"
         ),
         "CREATE TABLE IF NOT EXISTS reservations (
             request_id TEXT NOT NULL, attempt BIGINT NOT NULL, node TEXT NOT NULL,
@@ -145,6 +146,7 @@ impl SqlStore {
         for ddl in schema(dialect) {
             conn.execute(ddl.as_str()).await?;
         }
+        migrate(&mut conn, dialect).await?;
         drop(conn);
         let mut lock = None;
         let writer = match dialect {
@@ -193,6 +195,35 @@ impl SqlStore {
     }
 }
 
+/// Columns added after a table's first release, for ledgers created before them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] =
+    &[("api_keys", "response_cache", "BIGINT NOT NULL DEFAULT 0")];
+
+async fn migrate(conn: &mut sqlx::AnyConnection, dialect: Dialect) -> sqlx::Result<()> {
+    for (table, column, ty) in ADDED_COLUMNS {
+        let ddl = format!("ALTER TABLE {table} ADD COLUMN {column} {ty}");
+        match dialect {
+            Dialect::Postgres => {
+                let ddl = ddl.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS");
+                conn.execute(ddl.as_str()).await?;
+            }
+            Dialect::Sqlite => {
+                let has: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pragma_table_info($1) WHERE name = $2",
+                )
+                .bind(*table)
+                .bind(*column)
+                .fetch_one(&mut *conn)
+                .await?;
+                if has == 0 {
+                    conn.execute(ddl.as_str()).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn key_from_row(row: &AnyRow) -> sqlx::Result<KeyRecord> {
     let hash: Vec<u8> = row.try_get("hash")?;
     let priority: String = row.try_get("priority")?;
@@ -211,6 +242,7 @@ pub(crate) fn key_from_row(row: &AnyRow) -> sqlx::Result<KeyRecord> {
         reserved: NanoUsd(u(row.try_get("reserved")?)),
         priority: Band::parse(&priority).unwrap_or(Band::Standard),
         weight: u32::try_from(u(row.try_get("weight")?)).unwrap_or(1),
+        response_cache: row.try_get::<i64, _>("response_cache")? != 0,
         created_at: row.try_get("created_at")?,
         revoked: row.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
     })
@@ -232,8 +264,8 @@ impl LedgerStore for SqlStore {
     async fn create_key(&self, k: &KeyRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO api_keys (id, tenant, hash, rpm, tpm, max_concurrency, budget, spent,
-                reserved, priority, weight, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10)",
+                reserved, priority, weight, created_at, response_cache)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11)",
         )
         .bind(&k.id)
         .bind(&k.tenant.0)
@@ -245,6 +277,7 @@ impl LedgerStore for SqlStore {
         .bind(k.priority.as_str())
         .bind(i64::from(k.weight))
         .bind(k.created_at)
+        .bind(i64::from(k.response_cache))
         .execute(&self.pool)
         .await?;
         Ok(())

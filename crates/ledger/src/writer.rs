@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 /// Most writes committed together.
 const MAX_GROUP: usize = 512;
 
+/// An fsync slower than this is logged: every response waiting on it was held that long.
+const SLOW_FSYNC: std::time::Duration = std::time::Duration::from_millis(50);
+
 enum Op {
     Reserve(Reservation),
     Progress(AttemptId, TokenUsage),
@@ -112,6 +115,9 @@ impl Durability {
     fn release(&self, answers: Answers) {
         match self {
             Durability::AtCommit => answers.into_iter().for_each(|(r, d)| deliver(r, d)),
+            // Nothing waits on this commit (only written-behind reserves): its bytes are
+            // covered by the next fsync, which any later answer waits for.
+            Durability::Syncer(_) if answers.is_empty() => {}
             Durability::Syncer(tx) => {
                 if let Err(std::sync::mpsc::SendError(answers)) = tx.send(answers) {
                     for (r, _) in answers {
@@ -137,7 +143,11 @@ fn spawn_syncer(file: std::path::PathBuf) -> std::io::Result<std::sync::mpsc::Se
                     answers.extend(more);
                 }
                 // Opened each time: SQLite may replace the file between syncs.
+                let started = std::time::Instant::now();
                 let synced = std::fs::File::open(&file).and_then(|f| f.sync_data());
+                if started.elapsed() > SLOW_FSYNC {
+                    tracing::warn!(ms = started.elapsed().as_millis() as u64, waiting = answers.len(), "slow ledger fsync: the disk held these requests' responses");
+                }
                 if let Err(e) = &synced {
                     tracing::error!(error = %e, file = %file.display(), "ledger fsync failed; the requests it covered end in errors");
                 }

@@ -31,6 +31,34 @@ async fn sqlite_survives_reopen() {
     assert_eq!(again.list_keys(None).await.expect("keys").len(), 1);
 }
 
+/// A ledger written by an earlier release (no `api_keys.response_cache` column) opens,
+/// gains the column, and keeps its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_ledger_from_an_earlier_release_is_migrated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ledger.db");
+    let old = rusqlite::Connection::open(&path).expect("create");
+    old.execute_batch(
+        "CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY, tenant TEXT NOT NULL, hash BLOB NOT NULL,
+            rpm BIGINT, tpm BIGINT, max_concurrency BIGINT, budget BIGINT,
+            spent BIGINT NOT NULL DEFAULT 0, reserved BIGINT NOT NULL DEFAULT 0,
+            priority TEXT NOT NULL, weight BIGINT NOT NULL,
+            created_at BIGINT NOT NULL, revoked_at BIGINT);
+         INSERT INTO api_keys (id, tenant, hash, priority, weight, created_at)
+            VALUES ('kold', 'acme', zeroblob(32), 'standard', 1, 0);",
+    )
+    .expect("old schema");
+    drop(old);
+    let store = SqlStore::open(&path.display().to_string())
+        .await
+        .expect("open and migrate");
+    let keys = store.list_keys(None).await.expect("keys");
+    assert_eq!(keys.len(), 1);
+    assert!(!keys[0].response_cache);
+    conformance::run_all(Arc::new(store)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_store_conforms() {
     let Some(pg) = postgres_or_skip("postgres_store_conforms") else {
