@@ -5,7 +5,7 @@ use anyhow::Context;
 use std::sync::Arc;
 use tokenfab_engine::{Engine, EngineMetrics, ExecutorCapacity, Tokenizer};
 use tokenfab_gateway::{
-    AdminKey, AppState, AuthMode, GatewayConfig, HttpMetrics, KeyCache, Limiter, ResponseCache,
+    AdminKey, AppState, AuthMode, GatewayConfig, GatewayMetrics, KeyCache, Limiter, ResponseCache,
     ServerLimits,
 };
 use tokenfab_ledger::LedgerStore;
@@ -137,7 +137,7 @@ async fn assemble(
         engine: engine.clone(),
         tokenizer,
         model: name.clone(),
-        http: HttpMetrics::new(&registry)?,
+        metrics: GatewayMetrics::new(&registry)?,
         registry,
         config: GatewayConfig {
             max_body_bytes: cfg.server.max_body_bytes,

@@ -71,7 +71,7 @@ impl EngineMetrics {
                 "Fraction of KV blocks in use (1 = full).",
             ))?,
             kv_blocks_total: IntGauge::with_opts(opts(
-                "tokenfab_engine_kv_blocks_total",
+                "tokenfab_engine_kv_blocks",
                 "KV blocks the engine manages.",
             ))?,
             preemptions: IntCounter::with_opts(opts(

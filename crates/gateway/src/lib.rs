@@ -29,7 +29,7 @@ pub use cache::ResponseCache;
 pub use error::{status_of, ApiError};
 pub use limits::{Limiter, LocalLimits, RateInfo};
 pub use meter::unix_now;
-pub use metrics::HttpMetrics;
+pub use metrics::GatewayMetrics;
 pub use routes::router;
 pub use server::{serve, ServerLimits};
 pub use state::{AppState, GatewayConfig};

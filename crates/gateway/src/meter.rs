@@ -10,12 +10,13 @@
 
 use crate::error::ApiError;
 use crate::limits::{Limiter, RateInfo};
+use crate::metrics::RequestTimer;
 use crate::state::AppState;
 use std::sync::Arc;
 use tokenfab_ledger::{
     AttemptId, KeyRecord, LedgerError, LedgerStore, Outcome, Reservation, Settlement, TokenUsage,
 };
-use tokenfab_types::{ErrorCode, Tokens};
+use tokenfab_types::{Band, ErrorCode, Tokens};
 use tokio_util::task::TaskTracker;
 
 /// Rate-limit capacity a request holds until it ends.
@@ -32,6 +33,8 @@ pub struct Meter {
     tracker: TaskTracker,
     usage: TokenUsage,
     ended: bool,
+    /// Taken when the request ends (its settlement records the request's metrics).
+    timer: Option<RequestTimer>,
     /// For the `x-ratelimit-*` headers of the response.
     pub rate: Option<RateInfo>,
 }
@@ -48,6 +51,7 @@ pub async fn admit(
     s: &AppState,
     key: Option<&KeyRecord>,
     request_id: &str,
+    band: Band,
     prompt: u64,
     max_completion: u64,
 ) -> Result<Meter, ApiError> {
@@ -57,6 +61,7 @@ pub async fn admit(
         tracker: s.tracker.clone(),
         usage: TokenUsage::default(),
         ended: false,
+        timer: Some(s.metrics.request(&s.model, band)),
         rate: None,
     };
     let Some(key) = key else {
@@ -115,6 +120,13 @@ impl Meter {
         Ok(())
     }
 
+    /// A piece of text is about to be released (for the latency series).
+    pub fn piece(&mut self) {
+        if let Some(t) = &mut self.timer {
+            t.piece();
+        }
+    }
+
     /// What was served, without writing it (a dropped request settles it on drop).
     pub fn note_served(&mut self, prompt: u64, completion: u64) {
         self.usage.prompt = Tokens(prompt);
@@ -126,13 +138,19 @@ impl Meter {
         self.usage = usage;
         self.ended = true;
         self.release_limits();
+        let timer = self.timer.take();
+        let mut settled = None;
         if let Some((ledger, id)) = self.ledger.take() {
             let s = Settlement {
                 usage,
                 outcome,
                 now: unix_now(),
             };
-            ledger.settle(&id, s).await?;
+            let t0 = std::time::Instant::now();
+            settled = Some((ledger.settle(&id, s).await?, t0.elapsed()));
+        }
+        if let Some(t) = timer {
+            t.end(outcome, usage, settled);
         }
         Ok(())
     }
@@ -179,11 +197,16 @@ impl Drop for Meter {
             return;
         }
         self.release_limits();
+        let timer = self.timer.take();
+        let usage = self.usage;
         let Some((ledger, id)) = self.ledger.take() else {
+            if let Some(t) = timer {
+                t.end(Outcome::Cancelled, usage, None);
+            }
             return;
         };
         let s = Settlement {
-            usage: self.usage,
+            usage,
             outcome: Outcome::Cancelled,
             now: unix_now(),
         };
@@ -191,8 +214,16 @@ impl Drop for Meter {
             Ok(rt) => {
                 self.tracker.spawn_on(
                     async move {
-                        if let Err(e) = ledger.settle(&id, s).await {
-                            tracing::error!(request = %id.request_id, error = %e, "settling a cancelled request failed; it stays open until the next start recovers it");
+                        let t0 = std::time::Instant::now();
+                        match ledger.settle(&id, s).await {
+                            Ok(settled) => {
+                                if let Some(t) = timer {
+                                    t.end(Outcome::Cancelled, usage, Some((settled, t0.elapsed())));
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(request = %id.request_id, error = %e, "settling a cancelled request failed; it stays open until the next start recovers it");
+                            }
                         }
                     },
                     &rt,

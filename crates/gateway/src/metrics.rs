@@ -1,54 +1,209 @@
-//! Gateway series, declared once here. Labels are bounded: `route` is the matched route
-//! pattern (or `unmatched`), `status` the HTTP status code.
+//! Gateway and ledger series, declared once here (engine series: `engine/src/metrics.rs`;
+//! every name is listed in docs/metrics.md, which a test keeps in step with `/metrics`).
+//!
+//! Labels are bounded: `route` is the matched route pattern (or `unmatched`), `status` the
+//! HTTP status code, `model` the served model name, `band` one of three priority bands,
+//! `outcome` one of `completed|failed|cancelled`, `kind` one of `prompt|cached|completion`.
+//! No tenant or key label: per-tenant numbers come from the ledger (`/admin/v1/usage`).
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
-use std::time::Instant;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use std::time::{Duration, Instant};
+use tokenfab_ledger::{Outcome, Settled, TokenUsage};
+use tokenfab_types::Band;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 #[derive(Clone)]
-pub struct HttpMetrics {
+pub struct GatewayMetrics {
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
     requests: IntCounterVec,
-    duration: HistogramVec,
+    ttft: HistogramVec,
+    inter_token: HistogramVec,
+    e2e: HistogramVec,
+    tokens: IntCounterVec,
+    cost: IntCounterVec,
+    settle: HistogramVec,
+    /// Reservations open in the ledger, read at scrape time.
+    pub open_reservations: IntGauge,
 }
 
-impl HttpMetrics {
+impl GatewayMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "tokenfab_http_requests_total",
-                "HTTP requests by route and status.",
-            ),
-            &["route", "status"],
-        )?;
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
+        let hist = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+        };
+        let m = GatewayMetrics {
+            http_requests: IntCounterVec::new(
+                Opts::new(
+                    "tokenfab_http_requests_total",
+                    "HTTP requests by route and status.",
+                ),
+                &["route", "status"],
+            )?,
+            http_duration: hist(
                 "tokenfab_http_request_duration_seconds",
                 "Time to the response head (streams: until headers are sent).",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
-            ]),
-            &["route"],
-        )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
-        Ok(HttpMetrics { requests, duration })
+                &["route"],
+                &[0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+            )?,
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "tokenfab_gateway_requests_total",
+                    "Admitted generation requests by how they ended.",
+                ),
+                &["model", "band", "outcome"],
+            )?,
+            ttft: hist(
+                "tokenfab_gateway_time_to_first_token_seconds",
+                "From the request reaching its handler to its first text (auth, limits, ledger and queue included).",
+                &["model", "band"],
+                LATENCY_BUCKETS,
+            )?,
+            inter_token: hist(
+                "tokenfab_gateway_inter_token_seconds",
+                "Between consecutive pieces of text released to a client.",
+                &["model"],
+                LATENCY_BUCKETS,
+            )?,
+            e2e: hist(
+                "tokenfab_gateway_e2e_request_seconds",
+                "From the request reaching its handler to its settlement.",
+                &["model", "band"],
+                LATENCY_BUCKETS,
+            )?,
+            tokens: IntCounterVec::new(
+                Opts::new(
+                    "tokenfab_gateway_tokens_total",
+                    "Tokens billed, by kind (cached is the part of prompt served from the prefix cache).",
+                ),
+                &["model", "kind"],
+            )?,
+            cost: IntCounterVec::new(
+                Opts::new(
+                    "tokenfab_gateway_cost_nano_usd_total",
+                    "Cost confirmed in the ledger, nano-USD.",
+                ),
+                &["model"],
+            )?,
+            settle: hist(
+                "tokenfab_ledger_settle_seconds",
+                "Time for a settlement to become durable in the ledger.",
+                &["outcome"],
+                &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0],
+            )?,
+            open_reservations: IntGauge::new(
+                "tokenfab_ledger_open_reservations",
+                "Reservations not yet settled, in the whole ledger.",
+            )?,
+        };
+        registry.register(Box::new(m.http_requests.clone()))?;
+        registry.register(Box::new(m.http_duration.clone()))?;
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.ttft.clone()))?;
+        registry.register(Box::new(m.inter_token.clone()))?;
+        registry.register(Box::new(m.e2e.clone()))?;
+        registry.register(Box::new(m.tokens.clone()))?;
+        registry.register(Box::new(m.cost.clone()))?;
+        registry.register(Box::new(m.settle.clone()))?;
+        registry.register(Box::new(m.open_reservations.clone()))?;
+        Ok(m)
+    }
+
+    pub(crate) fn request(&self, model: &str, band: Band) -> RequestTimer {
+        RequestTimer {
+            metrics: self.clone(),
+            model: model.to_owned(),
+            band,
+            started: Instant::now(),
+            last_piece: None,
+        }
     }
 }
 
-pub(crate) async fn track(State(m): State<HttpMetrics>, req: Request, next: Next) -> Response {
+/// One generation request's timings, recorded as it goes.
+pub(crate) struct RequestTimer {
+    metrics: GatewayMetrics,
+    model: String,
+    band: Band,
+    started: Instant,
+    last_piece: Option<Instant>,
+}
+
+impl RequestTimer {
+    /// A piece of text is about to be released.
+    pub(crate) fn piece(&mut self) {
+        let now = Instant::now();
+        match self.last_piece {
+            None => self
+                .metrics
+                .ttft
+                .with_label_values(&[&self.model, self.band.as_str()])
+                .observe(secs(now - self.started)),
+            Some(prev) => self
+                .metrics
+                .inter_token
+                .with_label_values(&[&self.model])
+                .observe(secs(now - prev)),
+        }
+        self.last_piece = Some(now);
+    }
+
+    /// The request ended and its settlement (`settled`, when a ledger is kept) took
+    /// `settle_time`.
+    pub(crate) fn end(
+        &self,
+        outcome: Outcome,
+        usage: TokenUsage,
+        settled: Option<(Settled, Duration)>,
+    ) {
+        let m = &self.metrics;
+        let band = self.band.as_str();
+        m.requests
+            .with_label_values(&[&self.model, band, outcome.as_str()])
+            .inc();
+        m.e2e
+            .with_label_values(&[&self.model, band])
+            .observe(secs(self.started.elapsed()));
+        for (kind, n) in [
+            ("prompt", usage.prompt.0),
+            ("cached", usage.cached.0),
+            ("completion", usage.completion.0),
+        ] {
+            m.tokens.with_label_values(&[&self.model, kind]).inc_by(n);
+        }
+        if let Some((s, took)) = settled {
+            m.cost.with_label_values(&[&self.model]).inc_by(s.cost.0);
+            m.settle
+                .with_label_values(&[outcome.as_str()])
+                .observe(secs(took));
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+pub(crate) async fn track(State(m): State<GatewayMetrics>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let t0 = Instant::now();
     let resp = next.run(req).await;
-    m.duration
+    m.http_duration
         .with_label_values(&[&route])
         .observe(t0.elapsed().as_secs_f64());
-    m.requests
+    m.http_requests
         .with_label_values(&[&route, resp.status().as_str()])
         .inc();
     resp

@@ -117,6 +117,9 @@ impl TextOutput {
     /// The ledger holds what a piece bills before the piece is released.
     async fn bill(&mut self, piece: &Piece) -> Result<(), ApiError> {
         let (prompt, completion) = (self.prompt_tokens, self.completion_tokens);
+        if let Piece::Text(_) = piece {
+            self.meter.piece();
+        }
         match piece {
             Piece::Text(_) if self.streaming => self.meter.progress(prompt, completion).await,
             Piece::Text(_) => {

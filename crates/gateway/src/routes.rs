@@ -44,7 +44,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.http.clone(), track))
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), track))
         .with_state(state)
 }
 
@@ -74,6 +74,17 @@ async fn health(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    // Read at scrape time; a slow ledger leaves the last value rather than stall scrapes.
+    let open = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        s.ledger.open_reservations(),
+    )
+    .await;
+    if let Ok(Ok(n)) = open {
+        s.metrics
+            .open_reservations
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
     let families = s.registry.gather();
     match prometheus::TextEncoder::new().encode_to_string(&families) {
         Ok(body) => (
@@ -164,7 +175,15 @@ async fn start(
     let max_new = spec
         .max_tokens
         .unwrap_or_else(|| ctx.saturating_sub(prompt_tokens).max(1));
-    let mut meter = meter::admit(s, caller.0.as_ref(), request_id, prompt_tokens, max_new).await?;
+    let mut meter = meter::admit(
+        s,
+        caller.0.as_ref(),
+        request_id,
+        band,
+        prompt_tokens,
+        max_new,
+    )
+    .await?;
     let (tenant, weight) = caller
         .0
         .as_ref()

@@ -1,7 +1,7 @@
 use crate::auth::{AdminKey, AuthMode};
 use crate::cache::ResponseCache;
 use crate::limits::Limiter;
-use crate::metrics::HttpMetrics;
+use crate::metrics::GatewayMetrics;
 use std::sync::Arc;
 use tokenfab_engine::{Engine, Tokenizer};
 use tokenfab_ledger::{LedgerStore, Price};
@@ -37,7 +37,7 @@ pub struct AppState {
     /// The name the model is served under (`model` in requests, `/v1/models`).
     pub model: String,
     pub registry: prometheus::Registry,
-    pub http: HttpMetrics,
+    pub metrics: GatewayMetrics,
     pub config: GatewayConfig,
     /// Unix time the server started, reported as the model's `created`.
     pub started: u64,

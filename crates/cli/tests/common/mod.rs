@@ -105,16 +105,21 @@ pub async fn stream_events(url: &str, path: &str, body: &serde_json::Value) -> V
         .collect()
 }
 
-/// Read one metric's value (first sample whose line starts with `name`).
-pub async fn metric(url: &str, name: &str) -> f64 {
-    let text = client()
+/// The `/metrics` exposition.
+pub async fn scrape(url: &str) -> String {
+    client()
         .get(format!("{url}/metrics"))
         .send()
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("text");
+        .expect("text")
+}
+
+/// Read one metric's value (first sample whose line starts with `name`).
+pub async fn metric(url: &str, name: &str) -> f64 {
+    let text = scrape(url).await;
     text.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
