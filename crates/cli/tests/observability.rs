@@ -163,3 +163,138 @@ fn promtool(text: &str) {
         out.status.code()
     );
 }
+
+/// Run headless Chromium (Debian `chromium`) on `url`; `args` pick the output
+/// (`--dump-dom`, `--screenshot=…`). `None` (after saying why) when it cannot run here,
+/// unless TOKENFAB_REQUIRE_CHROMIUM=1.
+async fn chromium(url: &str, args: &[&str]) -> Option<String> {
+    let mut cmd = tokio::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+    ])
+    .args(["--virtual-time-budget=4000", "--window-size=1280,1000"])
+    .args(args)
+    .arg(url)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output()).await;
+    match out {
+        Ok(Ok(o)) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        other => {
+            let why = format!("{other:?}");
+            if std::env::var("TOKENFAB_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1") {
+                panic!("chromium required (TOKENFAB_REQUIRE_CHROMIUM=1) but: {why}");
+            }
+            eprintln!("SKIPPED dashboard browser test: chromium did not run: {why} (apt-get install chromium)");
+            None
+        }
+    }
+}
+
+/// The number the dashboard shows in element `id` (its `data-value`).
+fn shown(dom: &str, id: &str) -> Option<u64> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let rest = &dom[at..];
+    let v = rest.split("data-value=\"").nth(1)?.split('"').next()?;
+    v.parse().ok()
+}
+
+/// The dashboard in a real browser: without the admin key it asks for it; with it, the
+/// numbers it shows are the server's and they move when requests are served; a
+/// screenshot is kept in the test's target directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboard_shows_live_numbers_in_chromium() {
+    let mut cfg = common::config();
+    cfg.model.mock = "linear:1:100".into();
+    cfg.gateway.admin_key = ADMIN.into();
+    let url = common::serve_mock(cfg).await;
+    let page = format!("{url}/dashboard");
+    let Some(locked) = chromium(&page, &["--dump-dom"]).await else {
+        return;
+    };
+    assert!(
+        locked.contains("admin key needed"),
+        "without the admin key the data stays closed"
+    );
+    let with_key = format!("{page}#key={ADMIN}");
+    let before = chromium(&with_key, &["--dump-dom"]).await.expect("dom");
+    assert_eq!(shown(&before, "requests-total"), Some(0), "{before}");
+    let (_, key) = common::create_key(&url, ADMIN, json!({"tenant": "dash"})).await;
+    for _ in 0..5 {
+        let r = client()
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "mock", "max_tokens": 4,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+    }
+    let after = chromium(&with_key, &["--dump-dom"]).await.expect("dom");
+    assert_eq!(shown(&after, "requests-total"), Some(5));
+    assert_eq!(shown(&after, "tokens-completion"), Some(20));
+    assert!(after.contains(">dash<"), "top tenants lists the tenant");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&with_key, &[&format!("--screenshot={}", shot.display())])
+        .await
+        .expect("screenshot");
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 10_000, "a screenshot of the page ({size} bytes)");
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
+
+/// `deploy/`: the Prometheus config passes `promtool check config`, and every series the
+/// Grafana dashboard queries is in the catalog (so renaming one breaks this test, not the
+/// operator's dashboard).
+#[test]
+fn deploy_files_match_the_catalog() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+    let grafana: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/grafana-dashboard.json")).expect("read"),
+    )
+    .expect("the Grafana dashboard is JSON");
+    let doc = catalog();
+    let mut used = BTreeSet::new();
+    for panel in grafana["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
+                if word.starts_with("tokenfab_") || word.starts_with("vllm:") {
+                    let base = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| word.strip_suffix(s))
+                        .unwrap_or(word);
+                    used.insert(base.to_owned());
+                }
+            }
+        }
+    }
+    let unknown: Vec<_> = used.difference(&doc).collect();
+    assert!(
+        unknown.is_empty(),
+        "the Grafana dashboard queries unknown series {unknown:?}"
+    );
+    assert!(
+        used.len() >= 15,
+        "the dashboard covers the catalog: {used:?}"
+    );
+    match std::process::Command::new("promtool")
+        .args(["check", "config", &format!("{root}/prometheus.yml")])
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool check config: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) if std::env::var("TOKENFAB_REQUIRE_PROMTOOL").is_ok_and(|v| v == "1") => {
+            panic!("promtool required (TOKENFAB_REQUIRE_PROMTOOL=1) but: {e}")
+        }
+        Err(e) => eprintln!("SKIPPED promtool check config: {e}"),
+    }
+}

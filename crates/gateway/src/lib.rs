@@ -7,6 +7,7 @@
 mod admin;
 mod auth;
 mod cache;
+mod dashboard;
 mod error;
 mod extract;
 mod idempotency;

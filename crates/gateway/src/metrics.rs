@@ -10,6 +10,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokenfab_ledger::{Outcome, Settled, TokenUsage};
 use tokenfab_types::Band;
@@ -31,7 +33,12 @@ pub struct GatewayMetrics {
     settle: HistogramVec,
     /// Reservations open in the ledger, read at scrape time.
     pub open_reservations: IntGauge,
+    /// The last few error responses, for the dashboard: (unix ms, route, status).
+    errors: Arc<Mutex<VecDeque<(u64, String, u16)>>>,
 }
+
+/// Error responses the dashboard lists.
+const RECENT_ERRORS: usize = 20;
 
 impl GatewayMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
@@ -104,6 +111,7 @@ impl GatewayMetrics {
                 "tokenfab_ledger_open_reservations",
                 "Reservations not yet settled, in the whole ledger.",
             )?,
+            errors: Arc::default(),
         };
         registry.register(Box::new(m.http_requests.clone()))?;
         registry.register(Box::new(m.http_duration.clone()))?;
@@ -116,6 +124,33 @@ impl GatewayMetrics {
         registry.register(Box::new(m.settle.clone()))?;
         registry.register(Box::new(m.open_reservations.clone()))?;
         Ok(m)
+    }
+
+    /// The last error responses, newest first.
+    pub(crate) fn recent_errors(&self) -> Vec<serde_json::Value> {
+        self.errors.lock().map_or_else(
+            |_| Vec::new(),
+            |e| {
+                e.iter()
+                    .rev()
+                    .map(|(at, route, status)| {
+                        serde_json::json!({"at_ms": at, "route": route, "status": status})
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    fn note_error(&self, route: &str, status: u16) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if let Ok(mut e) = self.errors.lock() {
+            if e.len() == RECENT_ERRORS {
+                e.pop_front();
+            }
+            e.push_back((at, route.to_owned(), status));
+        }
     }
 
     pub(crate) fn request(&self, model: &str, band: Band) -> RequestTimer {
@@ -206,5 +241,8 @@ pub(crate) async fn track(State(m): State<GatewayMetrics>, req: Request, next: N
     m.http_requests
         .with_label_values(&[&route, resp.status().as_str()])
         .inc();
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        m.note_error(&route, resp.status().as_u16());
+    }
     resp
 }

@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(v1)
         .merge(admin::routes(state.clone()))
+        .merge(crate::dashboard::routes(state.clone()))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
