@@ -12,8 +12,29 @@ pub struct Config {
     pub model: ModelConfig,
     pub scheduler: SchedulerConfig,
     pub gateway: GatewaySection,
+    pub observability: ObservabilitySection,
     /// Price per model name served, in USD per million tokens.
     pub prices: BTreeMap<String, PriceConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilitySection {
+    /// OTLP/HTTP collector base URL (e.g. `http://127.0.0.1:4318`); empty = no trace
+    /// export. Spans are sent as protobuf to `<url>/v1/traces`.
+    pub otlp_endpoint: String,
+    /// Gateway series updated per request (false only to measure what they cost; the
+    /// engine's series and `/metrics` stay).
+    pub metrics: bool,
+}
+
+impl Default for ObservabilitySection {
+    fn default() -> Self {
+        ObservabilitySection {
+            otlp_endpoint: String::new(),
+            metrics: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,3 +6,4 @@ pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod serve;
+pub mod telemetry;

@@ -6,7 +6,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use tokenfab::config::Config;
-use tokenfab::{admin, bench, serve};
+use tokenfab::{admin, bench, serve, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// gateway replica using the same URL. Default: in this process.
     #[arg(long, env = "TOKENFAB_RATE_LIMITS")]
     rate_limits: Option<String>,
+    /// Export one OpenTelemetry trace per request to this OTLP/HTTP collector
+    /// (e.g. http://127.0.0.1:4318). Default: off.
+    #[arg(long, env = "TOKENFAB_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {
@@ -153,27 +157,24 @@ impl ServeArgs {
         if let Some(v) = &self.rate_limits {
             c.gateway.rate_limits.clone_from(v);
         }
+        if let Some(v) = &self.otlp_endpoint {
+            c.observability.otlp_endpoint.clone_from(v);
+        }
         Ok(c)
-    }
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    let json = matches!(cli.log_format, LogFormat::Json);
+    if let Command::Serve(args) = &cli.command {
+        let cfg = args.resolve()?;
+        let _telemetry = telemetry::init(json, &cfg.observability.otlp_endpoint)?;
+        return serve::run(cfg);
+    }
+    let _telemetry = telemetry::init(json, "")?;
     match cli.command {
-        Command::Serve(args) => serve::run(args.resolve()?),
+        Command::Serve(_) => Ok(()),
         Command::Pull { model } => {
             let pulled = tokenfab_llama::pull::pull(&model, &tokenfab_llama::pull::home())?;
             println!("{}", pulled.path.display());

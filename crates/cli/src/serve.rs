@@ -137,7 +137,11 @@ async fn assemble(
         engine: engine.clone(),
         tokenizer,
         model: name.clone(),
-        metrics: GatewayMetrics::new(&registry)?,
+        metrics: if cfg.observability.metrics {
+            GatewayMetrics::new(&registry)?
+        } else {
+            GatewayMetrics::new(&registry)?.disabled()
+        },
         registry,
         config: GatewayConfig {
             max_body_bytes: cfg.server.max_body_bytes,

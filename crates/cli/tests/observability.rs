@@ -298,3 +298,175 @@ fn deploy_files_match_the_catalog() {
         Err(e) => eprintln!("SKIPPED promtool check config: {e}"),
     }
 }
+
+/// Spans received by the test's OTLP/HTTP receiver: (trace id, span id, parent span id,
+/// name, string-valued attributes).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>;
+
+#[derive(Clone, Debug)]
+struct ReceivedSpan {
+    trace_id: String,
+    parent: String,
+    name: String,
+    attrs: std::collections::BTreeMap<String, String>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A minimal OTLP/HTTP trace receiver (protobuf `ExportTraceServiceRequest`, the wire
+/// format collectors accept); returns its base URL and what it received.
+async fn otlp_receiver() -> (String, Received) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    use prost::Message;
+    let got: Received = Default::default();
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                let mut spans = sink.lock().expect("lock");
+                for rs in req.resource_spans {
+                    for ss in rs.scope_spans {
+                        for s in ss.spans {
+                            let attrs = s
+                                .attributes
+                                .iter()
+                                .map(|kv| {
+                                    let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                        Some(V::StringValue(s)) => s.clone(),
+                                        Some(V::IntValue(i)) => i.to_string(),
+                                        Some(V::BoolValue(b)) => b.to_string(),
+                                        Some(V::DoubleValue(d)) => d.to_string(),
+                                        _ => String::new(),
+                                    };
+                                    (kv.key.clone(), v)
+                                })
+                                .collect();
+                            spans.push(ReceivedSpan {
+                                trace_id: hex(&s.trace_id),
+                                parent: hex(&s.parent_span_id),
+                                name: s.name,
+                                attrs,
+                            });
+                        }
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), got)
+}
+
+/// One trace per request, exported over OTLP to a real receiver: the client's
+/// `traceparent` is the root's parent, the root carries the GenAI semantic-convention
+/// attributes plus tenant, worker, cost and x-request-id, and admission, prefill, decode
+/// and settlement are its children.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_request_is_one_otlp_trace_under_the_clients_traceparent() {
+    let (collector, received) = otlp_receiver().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenfab"))
+        .args(["serve", "--mock", "linear:1:100", "--ledger", "memory"])
+        .args(["--port", &port.to_string(), "--admin-key", ADMIN])
+        .args(["--otlp-endpoint", &collector])
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stderr(log)
+        .spawn()
+        .expect("spawn tokenfab serve");
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..200 {
+        if client().get(format!("{url}/health")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(up, "server up");
+    let (_, key) = common::create_key(&url, ADMIN, json!({"tenant": "traced"})).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("traceparent", format!("00-{trace_id}-{parent}-01"))
+        .header("x-request-id", "trace-test-1")
+        .json(&json!({"model": "mock", "max_tokens": 4, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = received
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect();
+        let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+        if ["admission", "prefill", "decode", "settle"]
+            .iter()
+            .all(|n| names.contains(n))
+            && spans.iter().any(|s| s.parent == parent)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let root = spans
+        .iter()
+        .find(|s| s.parent == parent)
+        .unwrap_or_else(|| panic!("no span under the client's traceparent: {spans:#?}"));
+    assert_eq!(root.name, "POST /v1/chat/completions");
+    let a = &root.attrs;
+    assert_eq!(
+        a.get("gen_ai.request.model").map(String::as_str),
+        Some("mock")
+    );
+    assert_eq!(
+        a.get("gen_ai.operation.name").map(String::as_str),
+        Some("chat")
+    );
+    assert_eq!(
+        a.get("gen_ai.usage.output_tokens").map(String::as_str),
+        Some("4")
+    );
+    assert!(a.get("gen_ai.usage.input_tokens").is_some_and(|v| v != "0"));
+    assert_eq!(a.get("tenant").map(String::as_str), Some("traced"));
+    assert_eq!(
+        a.get("x_request_id").map(String::as_str),
+        Some("trace-test-1")
+    );
+    assert!(
+        a.contains_key("worker") && a.contains_key("tokenfab.cost_nano_usd"),
+        "{a:?}"
+    );
+    let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    for phase in ["admission", "prefill", "decode", "settle"] {
+        assert!(names.contains(phase), "span {phase} missing: {names:?}");
+    }
+}

@@ -22,6 +22,7 @@ mod state;
 mod stop;
 mod stream;
 pub mod testkit;
+pub mod trace;
 mod validate;
 
 pub use admin::{key_spec, KeyParams};

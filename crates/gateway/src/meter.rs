@@ -16,8 +16,9 @@ use std::sync::Arc;
 use tokenfab_ledger::{
     AttemptId, KeyRecord, LedgerError, LedgerStore, Outcome, Reservation, Settlement, TokenUsage,
 };
-use tokenfab_types::{Band, ErrorCode, Tokens};
+use tokenfab_types::{ErrorCode, Tokens};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Rate-limit capacity a request holds until it ends.
 struct Held {
@@ -50,8 +51,8 @@ pub fn unix_now() -> i64 {
 pub async fn admit(
     s: &AppState,
     key: Option<&KeyRecord>,
-    request_id: &str,
-    band: Band,
+    (request_id, x_request_id): (&str, &str),
+    timer: RequestTimer,
     prompt: u64,
     max_completion: u64,
 ) -> Result<Meter, ApiError> {
@@ -61,7 +62,7 @@ pub async fn admit(
         tracker: s.tracker.clone(),
         usage: TokenUsage::default(),
         ended: false,
-        timer: Some(s.metrics.request(&s.model, band)),
+        timer: Some(timer),
         rate: None,
     };
     let Some(key) = key else {
@@ -85,6 +86,7 @@ pub async fn admit(
         max_completion: Tokens(max_completion),
         price: s.config.price,
         now: unix_now(),
+        x_request_id: Some(x_request_id.to_owned()),
     };
     match s.ledger.reserve(&r).await {
         Ok(()) => {
@@ -147,7 +149,12 @@ impl Meter {
                 now: unix_now(),
             };
             let t0 = std::time::Instant::now();
-            settled = Some((ledger.settle(&id, s).await?, t0.elapsed()));
+            let span = timer.as_ref().map(RequestTimer::settle_span);
+            let done = ledger
+                .settle(&id, s)
+                .instrument(span.unwrap_or_else(tracing::Span::none))
+                .await?;
+            settled = Some((done, t0.elapsed()));
         }
         if let Some(t) = timer {
             t.end(outcome, usage, settled);

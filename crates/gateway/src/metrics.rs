@@ -35,6 +35,8 @@ pub struct GatewayMetrics {
     pub open_reservations: IntGauge,
     /// The last few error responses, for the dashboard: (unix ms, route, status).
     errors: Arc<Mutex<VecDeque<(u64, String, u16)>>>,
+    /// Off: no per-request updates at all (to measure what they cost).
+    enabled: bool,
 }
 
 /// Error responses the dashboard lists.
@@ -112,6 +114,7 @@ impl GatewayMetrics {
                 "Reservations not yet settled, in the whole ledger.",
             )?,
             errors: Arc::default(),
+            enabled: true,
         };
         registry.register(Box::new(m.http_requests.clone()))?;
         registry.register(Box::new(m.http_duration.clone()))?;
@@ -153,55 +156,89 @@ impl GatewayMetrics {
         }
     }
 
-    pub(crate) fn request(&self, model: &str, band: Band) -> RequestTimer {
+    /// The same series, never updated by requests (`observability.metrics = false`).
+    pub fn disabled(mut self) -> Self {
+        self.enabled = false;
+        self
+    }
+
+    /// Start timing a generation request whose span (`trace.rs`) is `span`.
+    pub(crate) fn request(&self, model: &str, band: Band, span: tracing::Span) -> RequestTimer {
+        let phase =
+            tracing::info_span!(parent: &span, "prefill", note = "admission and queueing included");
         RequestTimer {
-            metrics: self.clone(),
+            metrics: self.enabled.then(|| self.clone()),
             model: model.to_owned(),
             band,
             started: Instant::now(),
             last_piece: None,
+            span,
+            phase,
         }
     }
 }
 
-/// One generation request's timings, recorded as it goes.
+/// One generation request's timings, recorded as it goes, and its trace: the request span
+/// (kept open until the request is settled, also for streams that outlive their handler)
+/// and the current phase under it — `prefill` (queueing included) until the first text,
+/// then `decode`.
 pub(crate) struct RequestTimer {
-    metrics: GatewayMetrics,
+    metrics: Option<GatewayMetrics>,
     model: String,
     band: Band,
     started: Instant,
     last_piece: Option<Instant>,
+    span: tracing::Span,
+    phase: tracing::Span,
 }
 
 impl RequestTimer {
+    /// A span for the ledger settlement, under the request's span.
+    pub(crate) fn settle_span(&self) -> tracing::Span {
+        tracing::info_span!(parent: &self.span, "settle")
+    }
+
     /// A piece of text is about to be released.
     pub(crate) fn piece(&mut self) {
+        if self.last_piece.is_none() {
+            self.phase = tracing::info_span!(parent: &self.span, "decode");
+        }
         let now = Instant::now();
-        match self.last_piece {
-            None => self
-                .metrics
-                .ttft
-                .with_label_values(&[&self.model, self.band.as_str()])
-                .observe(secs(now - self.started)),
-            Some(prev) => self
-                .metrics
-                .inter_token
-                .with_label_values(&[&self.model])
-                .observe(secs(now - prev)),
+        if let Some(m) = &self.metrics {
+            match self.last_piece {
+                None => m
+                    .ttft
+                    .with_label_values(&[&self.model, self.band.as_str()])
+                    .observe(secs(now - self.started)),
+                Some(prev) => m
+                    .inter_token
+                    .with_label_values(&[&self.model])
+                    .observe(secs(now - prev)),
+            }
         }
         self.last_piece = Some(now);
     }
 
-    /// The request ended and its settlement (`settled`, when a ledger is kept) took
-    /// `settle_time`.
+    /// The request ended: `settled` is the ledger's answer and how long it took (when a
+    /// ledger is kept).
     pub(crate) fn end(
         &self,
         outcome: Outcome,
         usage: TokenUsage,
         settled: Option<(Settled, Duration)>,
     ) {
-        let m = &self.metrics;
         let band = self.band.as_str();
+        self.span
+            .record("gen_ai.usage.input_tokens", usage.prompt.0);
+        self.span
+            .record("gen_ai.usage.output_tokens", usage.completion.0);
+        self.span.record("tokenfab.outcome", outcome.as_str());
+        if let Some((s, _)) = &settled {
+            self.span.record("tokenfab.cost_nano_usd", s.cost.0);
+        }
+        let Some(m) = &self.metrics else {
+            return;
+        };
         m.requests
             .with_label_values(&[&self.model, band, outcome.as_str()])
             .inc();
@@ -229,6 +266,9 @@ fn secs(d: Duration) -> f64 {
 }
 
 pub(crate) async fn track(State(m): State<GatewayMetrics>, req: Request, next: Next) -> Response {
+    if !m.enabled {
+        return next.run(req).await;
+    }
     let route = req
         .extensions()
         .get::<MatchedPath>()

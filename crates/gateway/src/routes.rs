@@ -12,6 +12,7 @@ use crate::metrics::track;
 use crate::output::{Piece, Started, TextOutput};
 use crate::state::AppState;
 use crate::stream::{self, Kind};
+use crate::trace::XRequestId;
 use crate::validate::{self, Spec};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -25,6 +26,7 @@ use tokenfab_api::{
 use tokenfab_engine::{Band, GenerateRequest, Slo};
 use tokenfab_ledger::Outcome;
 use tokenfab_types::{ErrorCode, TenantId, TokenId, Tokens};
+use tracing::Instrument;
 
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
@@ -46,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.metrics.clone(), track))
+        .layer(middleware::from_fn(crate::trace::identify))
         .with_state(state)
 }
 
@@ -165,7 +168,7 @@ async fn start(
     s: &AppState,
     headers: &HeaderMap,
     caller: &Caller,
-    request_id: &str,
+    (request_id, x_request_id): (&str, &str),
     prompt: Vec<TokenId>,
     spec: &Spec,
 ) -> Result<Started, ApiError> {
@@ -176,19 +179,27 @@ async fn start(
     let max_new = spec
         .max_tokens
         .unwrap_or_else(|| ctx.saturating_sub(prompt_tokens).max(1));
-    let mut meter = meter::admit(
-        s,
-        caller.0.as_ref(),
-        request_id,
-        band,
-        prompt_tokens,
-        max_new,
-    )
-    .await?;
     let (tenant, weight) = caller
         .0
         .as_ref()
         .map_or((TenantId::local(), 1), |k| (k.tenant.clone(), k.weight));
+    let span = tracing::Span::current();
+    span.record("tenant", tenant.0.as_str());
+    span.record("worker", s.config.node.as_str());
+    span.record("gen_ai.request.model", s.model.as_str());
+    span.record("gen_ai.request.max_tokens", max_new);
+    span.record("gen_ai.response.id", request_id);
+    let timer = s.metrics.request(&s.model, band, span);
+    let mut meter = meter::admit(
+        s,
+        caller.0.as_ref(),
+        (request_id, x_request_id),
+        timer,
+        prompt_tokens,
+        max_new,
+    )
+    .instrument(tracing::info_span!("admission"))
+    .await?;
     let submitted = s.engine.submit(GenerateRequest {
         tenant,
         band,
@@ -254,13 +265,11 @@ async fn collect(
     ))
 }
 
-/// Rate-limit headers and the request id on a successful response.
-fn decorate(mut resp: Response, rate: Option<&RateInfo>, request_id: &str) -> Response {
+/// Rate-limit headers on a successful response (`x-request-id` is set on every response
+/// by `trace::identify`).
+fn decorate(mut resp: Response, rate: Option<&RateInfo>) -> Response {
     if let Some(rate) = rate {
         rate.write(resp.headers_mut());
-    }
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert("x-request-id", v);
     }
     resp
 }
@@ -268,9 +277,11 @@ fn decorate(mut resp: Response, rate: Option<&RateInfo>, request_id: &str) -> Re
 async fn chat(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<XRequestId>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    tracing::Span::current().record("gen_ai.operation.name", "chat");
     let (turns, spec) = validate::chat(&req, &s.model)?;
     let (claim, cached) = match before(&s, &caller, &headers, &req, &spec).await? {
         Before::Answer(resp) => return Ok(resp),
@@ -282,7 +293,7 @@ async fn chat(
         .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))?;
     let prompt = s.tokenizer.encode(&text);
     let id = response_id("chatcmpl");
-    let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
+    let started = start(&s, &headers, &caller, (&id, &rid.0), prompt, &spec).await?;
     if spec.stream {
         return Ok(streamed(&s, Kind::Chat, &id, &spec, started, &cached));
     }
@@ -304,15 +315,17 @@ async fn chat(
         usage,
     };
     let resp = respond(&s, &body, claim, &cached).await?;
-    Ok(decorate(resp, rate.as_ref(), &id))
+    Ok(decorate(resp, rate.as_ref()))
 }
 
 async fn completions(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<XRequestId>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    tracing::Span::current().record("gen_ai.operation.name", "text_completion");
     let (text, spec) = validate::completion(&req, &s.model)?;
     let (claim, cached) = match before(&s, &caller, &headers, &req, &spec).await? {
         Before::Answer(resp) => return Ok(resp),
@@ -320,7 +333,7 @@ async fn completions(
     };
     let prompt = s.tokenizer.encode(&text);
     let id = response_id("cmpl");
-    let started = start(&s, &headers, &caller, &id, prompt, &spec).await?;
+    let started = start(&s, &headers, &caller, (&id, &rid.0), prompt, &spec).await?;
     if spec.stream {
         return Ok(streamed(&s, Kind::Text, &id, &spec, started, &cached));
     }
@@ -339,7 +352,7 @@ async fn completions(
         usage: Some(usage),
     };
     let resp = respond(&s, &body, claim, &cached).await?;
-    Ok(decorate(resp, rate.as_ref(), &id))
+    Ok(decorate(resp, rate.as_ref()))
 }
 
 /// What is decided before a request runs: answer at once (an idempotent replay, a cache
@@ -388,7 +401,7 @@ fn streamed(
         spec.include_usage,
         started,
     );
-    let mut resp = decorate(resp, rate.as_ref(), id);
+    let mut resp = decorate(resp, rate.as_ref());
     cache::mark(&mut resp, cached);
     resp
 }

@@ -46,6 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     max_completion: Tokens(10),
                     price: Price::default(),
                     now: 0,
+                    x_request_id: None,
                 };
                 store.reserve(&r).await.expect("reserve");
                 let usage = TokenUsage {

@@ -94,7 +94,8 @@ impl Backend for SqliteBackend {
                     i(r.price.cached.0),
                     i(r.price.completion.0),
                     utc_day(r.now),
-                    r.now
+                    r.now,
+                    r.x_request_id
                 ])
             })
             .map_err(db)?;

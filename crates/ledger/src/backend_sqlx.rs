@@ -70,6 +70,7 @@ impl Backend for SqlxBackend {
             .bind(i(r.price.completion.0))
             .bind(utc_day(r.now))
             .bind(r.now)
+            .bind(r.x_request_id.clone())
             .execute(&mut self.conn)
             .await
             .map_err(db)?;

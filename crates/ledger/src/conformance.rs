@@ -34,6 +34,7 @@ pub fn reservation(key: &KeyRecord, request: &str, prompt: u64, max: u64) -> Res
         max_completion: Tokens(max),
         price: test_price(),
         now: DAY1,
+        x_request_id: Some(format!("x-{request}")),
     }
 }
 

@@ -115,6 +115,9 @@ pub struct Reservation {
     pub price: Price,
     /// Unix seconds.
     pub now: i64,
+    /// The request's `x-request-id` (the client's, or the one the gateway gave it), to
+    /// find its row from logs and traces.
+    pub x_request_id: Option<String>,
 }
 
 impl Reservation {

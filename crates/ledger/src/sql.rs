@@ -86,7 +86,7 @@ fn schema(d: Dialect) -> [String; 5] {
             prompt_tokens BIGINT NOT NULL DEFAULT 0, cached_tokens BIGINT NOT NULL DEFAULT 0,
             completion_tokens BIGINT NOT NULL DEFAULT 0, cost BIGINT NOT NULL DEFAULT 0,
             state TEXT NOT NULL, outcome TEXT, day TEXT NOT NULL,
-            created_at BIGINT NOT NULL, settled_at BIGINT,
+            created_at BIGINT NOT NULL, settled_at BIGINT, x_request_id TEXT,
             PRIMARY KEY (request_id, attempt))"
             .to_owned(),
         "CREATE INDEX IF NOT EXISTS reservations_open ON reservations (node) WHERE state = 'open'"
@@ -196,8 +196,10 @@ impl SqlStore {
 }
 
 /// Columns added after a table's first release, for ledgers created before them.
-const ADDED_COLUMNS: &[(&str, &str, &str)] =
-    &[("api_keys", "response_cache", "BIGINT NOT NULL DEFAULT 0")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("api_keys", "response_cache", "BIGINT NOT NULL DEFAULT 0"),
+    ("reservations", "x_request_id", "TEXT"),
+];
 
 async fn migrate(conn: &mut sqlx::AnyConnection, dialect: Dialect) -> sqlx::Result<()> {
     for (table, column, ty) in ADDED_COLUMNS {

@@ -12,8 +12,9 @@ pub(crate) const BALANCE: &str = "SELECT budget, spent, reserved FROM api_keys W
 /// Undo a hold: $1 amount, $2 key id.
 pub(crate) const UNHOLD: &str = "UPDATE api_keys SET reserved = reserved - $1 WHERE id = $2";
 pub(crate) const INSERT: &str = "INSERT INTO reservations (request_id, attempt, node, key_id,
-    tenant, model, amount, price_prompt, price_cached, price_completion, state, day, created_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'open', $11, $12)
+    tenant, model, amount, price_prompt, price_cached, price_completion, state, day, created_at,
+    x_request_id)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'open', $11, $12, $13)
     ON CONFLICT (request_id, attempt) DO NOTHING";
 pub(crate) const PROGRESS: &str = "UPDATE reservations SET prompt_tokens = $1,
     cached_tokens = $2, completion_tokens = $3

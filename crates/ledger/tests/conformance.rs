@@ -31,8 +31,8 @@ async fn sqlite_survives_reopen() {
     assert_eq!(again.list_keys(None).await.expect("keys").len(), 1);
 }
 
-/// A ledger written by an earlier release (no `api_keys.response_cache` column) opens,
-/// gains the column, and keeps its keys.
+/// A ledger written by an earlier release (no `api_keys.response_cache`, no
+/// `reservations.x_request_id`) opens, gains the columns, and keeps its keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_ledger_from_an_earlier_release_is_migrated() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -45,6 +45,17 @@ async fn sqlite_ledger_from_an_earlier_release_is_migrated() {
             spent BIGINT NOT NULL DEFAULT 0, reserved BIGINT NOT NULL DEFAULT 0,
             priority TEXT NOT NULL, weight BIGINT NOT NULL,
             created_at BIGINT NOT NULL, revoked_at BIGINT);
+         CREATE TABLE reservations (
+            request_id TEXT NOT NULL, attempt BIGINT NOT NULL, node TEXT NOT NULL,
+            key_id TEXT NOT NULL, tenant TEXT NOT NULL, model TEXT NOT NULL,
+            amount BIGINT NOT NULL,
+            price_prompt BIGINT NOT NULL, price_cached BIGINT NOT NULL,
+            price_completion BIGINT NOT NULL,
+            prompt_tokens BIGINT NOT NULL DEFAULT 0, cached_tokens BIGINT NOT NULL DEFAULT 0,
+            completion_tokens BIGINT NOT NULL DEFAULT 0, cost BIGINT NOT NULL DEFAULT 0,
+            state TEXT NOT NULL, outcome TEXT, day TEXT NOT NULL,
+            created_at BIGINT NOT NULL, settled_at BIGINT,
+            PRIMARY KEY (request_id, attempt));
          INSERT INTO api_keys (id, tenant, hash, priority, weight, created_at)
             VALUES ('kold', 'acme', zeroblob(32), 'standard', 1, 0);",
     )
@@ -57,6 +68,16 @@ async fn sqlite_ledger_from_an_earlier_release_is_migrated() {
     assert_eq!(keys.len(), 1);
     assert!(!keys[0].response_cache);
     conformance::run_all(Arc::new(store)).await;
+    // Rows carry the request's x-request-id (a column added after the first release).
+    let db = rusqlite::Connection::open(&path).expect("reopen");
+    let tagged: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM reservations WHERE x_request_id = 'x-' || request_id",
+            [],
+            |r| r.get(0),
+        )
+        .expect("query");
+    assert!(tagged > 0, "x_request_id stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,0 +1,83 @@
+//! Request identity and spans. Every request gets an `x-request-id` — the client's when it
+//! sends a usable one, else `req-<uuid v7>` — returned on every response (errors
+//! included), carried by the request's `tracing` span (so each log line of the request
+//! names it, in human and JSON logs) and stored on its ledger row. With OpenTelemetry
+//! export on (`observability.otlp_endpoint`), that span is the request's trace root and a
+//! W3C `traceparent` sent by the client becomes its parent (see `tokenfab::telemetry`).
+
+use crate::error::ApiError;
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokenfab_types::ErrorCode;
+use tracing::Instrument;
+
+pub const HEADER: &str = "x-request-id";
+
+/// The request's id, as returned in `x-request-id`.
+#[derive(Clone, Debug)]
+pub struct XRequestId(pub String);
+
+/// Extracts a W3C trace context from request headers and makes it the parent of a span.
+/// Installed by the binary when trace export is on; without it spans start new traces.
+pub type ParentFromHeaders = fn(&tracing::Span, &axum::http::HeaderMap);
+
+static PARENT: std::sync::OnceLock<ParentFromHeaders> = std::sync::OnceLock::new();
+
+/// Install the `traceparent` handling (once per process).
+pub fn set_parent_extractor(f: ParentFromHeaders) {
+    let _ = PARENT.set(f);
+}
+
+fn usable(v: &str) -> bool {
+    (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic())
+}
+
+pub(crate) async fn identify(mut req: Request, next: Next) -> Response {
+    let id = match req.headers().get(HEADER).map(|v| v.to_str()) {
+        None => format!("req-{}", uuid::Uuid::now_v7().simple()),
+        Some(Ok(v)) if usable(v) => v.to_owned(),
+        Some(_) => {
+            return ApiError::new(
+                ErrorCode::InvalidRequest,
+                "x-request-id must be 1-128 visible ASCII characters.",
+            )
+            .into_response()
+        }
+    };
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format!("{} {route}", req.method()),
+        otel.kind = "server",
+        x_request_id = %id,
+        http.request.method = %req.method(),
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        worker = tracing::field::Empty,
+        gen_ai.operation.name = tracing::field::Empty,
+        gen_ai.request.model = tracing::field::Empty,
+        gen_ai.request.max_tokens = tracing::field::Empty,
+        gen_ai.response.id = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        tokenfab.cost_nano_usd = tracing::field::Empty,
+        tokenfab.outcome = tracing::field::Empty,
+    );
+    if let Some(parent) = PARENT.get() {
+        parent(&span, req.headers());
+    }
+    req.extensions_mut().insert(XRequestId(id.clone()));
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(HEADER, v);
+    }
+    resp
+}
