@@ -73,6 +73,18 @@ async fn metrics_catalog_matches_the_exposition_and_promtool_accepts_it() {
         assert_eq!(r.status(), 200);
         let _ = r.bytes().await;
     }
+    // A request refused at admission is an HTTP 429, not an admitted request that ended.
+    let (_, limited) = common::create_key(&url, ADMIN, json!({"tenant": "obs", "rpm": 1})).await;
+    for expect in [200, 429] {
+        let r = client()
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(&limited)
+            .json(&body(false))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), expect);
+    }
     let text = common::scrape(&url).await;
 
     let (doc, live) = (catalog(), exposed(&text));
@@ -90,30 +102,32 @@ async fn metrics_catalog_matches_the_exposition_and_promtool_accepts_it() {
         "tokenfab_gateway_requests_total",
         &["outcome=\"completed\""],
     );
-    assert_eq!(completed, 4.0, "{text}");
+    assert_eq!(completed, 5.0, "{text}");
+    let admitted = value(&text, "tokenfab_gateway_requests_total", &[]);
+    assert_eq!(admitted, 5.0, "only admitted requests are counted there");
+    let limited = value(&text, "tokenfab_http_requests_total", &["status=\"429\""]);
+    assert_eq!(limited, 1.0);
     let billed = value(
         &text,
         "tokenfab_gateway_tokens_total",
         &["kind=\"completion\""],
     );
     let delivered = value(&text, "tokenfab_engine_delivered_tokens_total", &[]);
-    assert_eq!(billed, 24.0);
+    assert_eq!(billed, 30.0);
     assert_eq!(
         billed, delivered,
         "billed completion tokens = engine's delivered"
     );
-    assert_eq!(
-        value(
-            &text,
-            "tokenfab_gateway_time_to_first_token_seconds_count",
-            &[]
-        ),
-        4.0
+    let first_tokens = value(
+        &text,
+        "tokenfab_gateway_time_to_first_token_seconds_count",
+        &[],
     );
+    assert_eq!(first_tokens, 5.0);
     assert!(value(&text, "tokenfab_gateway_inter_token_seconds_count", &[]) >= 10.0);
     assert_eq!(
         value(&text, "tokenfab_ledger_settle_seconds_count", &[]),
-        4.0
+        5.0
     );
     assert_eq!(value(&text, "tokenfab_ledger_open_reservations", &[]), 0.0);
 

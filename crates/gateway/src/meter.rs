@@ -62,10 +62,12 @@ pub async fn admit(
         tracker: s.tracker.clone(),
         usage: TokenUsage::default(),
         ended: false,
-        timer: Some(timer),
+        // Set once admitted: a request refused here is counted by its HTTP status only.
+        timer: None,
         rate: None,
     };
     let Some(key) = key else {
+        meter.timer = Some(timer);
         return Ok(meter);
     };
     let tokens = prompt + max_completion;
@@ -91,6 +93,7 @@ pub async fn admit(
     match s.ledger.reserve(&r).await {
         Ok(()) => {
             meter.ledger = Some((s.ledger.clone(), r.id));
+            meter.timer = Some(timer);
             Ok(meter)
         }
         Err(LedgerError::InsufficientBudget { needed, remaining }) => {
