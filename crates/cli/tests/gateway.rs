@@ -560,9 +560,49 @@ async fn idempotency_key_replays_without_running_or_billing_again() {
         code(&r.json().await.expect("json")),
         "idempotency_key_mismatch"
     );
-    let streamed = short(json!({"stream": true}));
-    let r = call(&url, Some(&key), &streamed, &[("idempotency-key", "s-1")]).await;
-    assert_eq!(r.status().as_u16(), 400);
+    // A stream is stored as sent and replayed as one SSE body, billed once.
+    let streamed = short(json!({"stream": true, "seed": 7, "temperature": 0.9}));
+    let s1 = [("idempotency-key", "s-1")];
+    let r = call(&url, Some(&key), &streamed, &s1).await;
+    assert_eq!(r.status(), 200);
+    let sent = r.text().await.expect("stream");
+    assert!(sent.ends_with("data: [DONE]\n\n"), "{sent}");
+    let r = call(&url, Some(&key), &streamed, &s1).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    assert_eq!(
+        r.text().await.expect("replay"),
+        sent,
+        "the same events, same id"
+    );
+    let (_, usage) = get(&url, "/v1/usage?group_by=tenant", Some(&key)).await;
+    assert_eq!(
+        usage["data"][0]["requests"], 2,
+        "the stream billed once: {usage}"
+    );
+    // A stream cut short stores nothing: its claim is released and a retry runs again.
+    let long = short(json!({"stream": true, "max_tokens": 200, "seed": 8}));
+    let s2 = [("idempotency-key", "s-2")];
+    let r = call(&url, Some(&key), &long, &s2).await;
+    let mut events = r.bytes_stream();
+    let _ = futures::StreamExt::next(&mut events).await;
+    drop(events);
+    let mut retried = None;
+    for _ in 0..50 {
+        let r = call(&url, Some(&key), &long, &s2).await;
+        if r.status().as_u16() != 409 {
+            retried = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = retried.expect("the claim was released");
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("idempotent-replayed").is_none(),
+        "ran again"
+    );
     let long = "k".repeat(300);
     let r = call(
         &url,

@@ -5,8 +5,9 @@
 //! Claims live in the ledger, so they hold across restarts and across replicas sharing
 //! PostgreSQL. Keys are scoped per tenant. The body is compared by the SHA-256 of its
 //! canonical JSON (the parsed request serialised again), so formatting does not matter.
-//! Only non-streaming requests can be replayed; a stream that carries the header is refused
-//! with 400 rather than silently run twice.
+//! Streams are replayed too: the whole event stream is stored before its final events are
+//! sent, and a retry gets it back as one SSE body. A stream cut short (client gone, or a
+//! failure) stores nothing and releases its claim, so a retry runs again.
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -44,7 +45,6 @@ pub async fn claim<T: serde::Serialize>(
     caller: &Caller,
     headers: &HeaderMap,
     request: &T,
-    stream: bool,
 ) -> Result<Outcome, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(Outcome::None);
@@ -59,12 +59,6 @@ pub async fn claim<T: serde::Serialize>(
                 "Idempotency-Key must be 1-255 visible ASCII characters.",
             )
         })?;
-    if stream {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "Idempotency-Key is supported on non-streaming requests only.",
-        ));
-    }
     let canonical = serde_json::to_vec(request)
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     let tenant = caller
@@ -95,12 +89,15 @@ pub async fn claim<T: serde::Serialize>(
             "This Idempotency-Key was used with a different request body.",
         )),
         Idempotency::Done(body) => {
+            // Stored whole responses are JSON objects; stored streams are SSE text.
+            let content_type = if body.starts_with(b"data:") {
+                "text/event-stream"
+            } else {
+                "application/json"
+            };
             let mut resp = body.into_response();
             let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             h.insert("idempotent-replayed", HeaderValue::from_static("true"));
             Ok(Outcome::Replay(resp))
         }

@@ -295,7 +295,14 @@ async fn chat(
     let id = response_id("chatcmpl");
     let started = start(&s, &headers, &caller, (&id, &rid.0), prompt, &spec).await?;
     if spec.stream {
-        return Ok(streamed(&s, Kind::Chat, &id, &spec, started, &cached));
+        return Ok(streamed(
+            &s,
+            (Kind::Chat, &id),
+            &spec,
+            started,
+            claim,
+            &cached,
+        ));
     }
     let (content, finish_reason, usage, rate) = collect(started).await?;
     let body = ChatCompletion {
@@ -335,7 +342,14 @@ async fn completions(
     let id = response_id("cmpl");
     let started = start(&s, &headers, &caller, (&id, &rid.0), prompt, &spec).await?;
     if spec.stream {
-        return Ok(streamed(&s, Kind::Text, &id, &spec, started, &cached));
+        return Ok(streamed(
+            &s,
+            (Kind::Text, &id),
+            &spec,
+            started,
+            claim,
+            &cached,
+        ));
     }
     let (text, finish_reason, usage, rate) = collect(started).await?;
     let body = Completion {
@@ -372,7 +386,7 @@ async fn before<T: serde::Serialize>(
     req: &T,
     spec: &Spec,
 ) -> Result<Before, ApiError> {
-    let claim = match idempotency::claim(s, caller, headers, req, spec.stream).await? {
+    let claim = match idempotency::claim(s, caller, headers, req).await? {
         idempotency::Outcome::Replay(resp) => return Ok(Before::Answer(resp)),
         idempotency::Outcome::Run(c) => Some(c),
         idempotency::Outcome::None => None,
@@ -387,10 +401,10 @@ async fn before<T: serde::Serialize>(
 /// The SSE response of a started request.
 fn streamed(
     s: &AppState,
-    kind: Kind,
-    id: &str,
+    (kind, id): (Kind, &str),
     spec: &Spec,
     started: Started,
+    claim: Option<idempotency::Claim>,
     cached: &cache::Lookup,
 ) -> Response {
     let rate = started.out.meter().rate.clone();
@@ -400,6 +414,7 @@ fn streamed(
         s.model.clone(),
         spec.include_usage,
         started,
+        claim,
     );
     let mut resp = decorate(resp, rate.as_ref());
     cache::mark(&mut resp, cached);

@@ -1,5 +1,6 @@
 //! Server-sent events for streamed completions, in OpenAI's chunk format.
 
+use crate::idempotency::Claim;
 use crate::output::{Piece, Started};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -29,12 +30,26 @@ struct Chunker {
     include_usage: bool,
 }
 
-impl Chunker {
-    fn json<T: serde::Serialize>(v: &T) -> Event {
-        Event::default().data(serde_json::to_string(v).unwrap_or_default())
+/// One SSE event's data, kept as text so an idempotent stream can be stored as sent.
+struct Out(String);
+
+impl Out {
+    fn event(&self) -> Event {
+        Event::default().data(&self.0)
     }
 
-    fn chunk(&self, delta: ChatDelta, text: Option<String>, finish: Option<&str>) -> Event {
+    /// The event as it appears on the wire.
+    fn wire(&self) -> String {
+        format!("data: {}\n\n", self.0)
+    }
+}
+
+impl Chunker {
+    fn json<T: serde::Serialize>(v: &T) -> Out {
+        Out(serde_json::to_string(v).unwrap_or_default())
+    }
+
+    fn chunk(&self, delta: ChatDelta, text: Option<String>, finish: Option<&str>) -> Out {
         match self.kind {
             Kind::Chat => Self::json(&ChatCompletionChunk {
                 id: self.id.clone(),
@@ -65,7 +80,7 @@ impl Chunker {
         }
     }
 
-    fn text(&self, t: String) -> Event {
+    fn text(&self, t: String) -> Out {
         self.chunk(
             ChatDelta {
                 role: None,
@@ -76,7 +91,7 @@ impl Chunker {
         )
     }
 
-    fn usage(&self, usage: Usage) -> Event {
+    fn usage(&self, usage: Usage) -> Out {
         match self.kind {
             Kind::Chat => Self::json(&ChatCompletionChunk {
                 id: self.id.clone(),
@@ -104,6 +119,16 @@ enum Phase {
     Done,
 }
 
+/// What the stream carries between events.
+struct State {
+    c: Chunker,
+    out: crate::output::TextOutput,
+    phase: Phase,
+    /// The request's idempotency claim and everything sent so far (stored whole before
+    /// the final events go out).
+    claim: Option<(Claim, String)>,
+}
+
 /// Stream a started request as SSE. Its first piece was already read (so errors before
 /// the first token were answered with a status instead). Every piece was billed before the
 /// output handed it over. Dropping the response body (client gone) drops the output, which
@@ -114,6 +139,7 @@ pub fn sse(
     model: String,
     include_usage: bool,
     started: Started,
+    claim: Option<Claim>,
 ) -> Response {
     let Started { out, first } = started;
     let c = Chunker {
@@ -134,42 +160,57 @@ pub fn sse(
             None,
         ));
     }
-    let events = stream::unfold(
-        (c, out, Phase::Start(first)),
-        |(c, mut out, phase)| async move {
-            let piece = match phase {
-                Phase::Done => return None,
-                Phase::Start(p) => p,
-                Phase::Next => out.next().await?,
-            };
-
-            let batch: Vec<Event> = match piece {
-                Piece::Text(t) => vec![c.text(t)],
-                Piece::End {
-                    finish_reason,
-                    usage,
-                } => {
-                    let mut v = vec![c.chunk(ChatDelta::default(), None, Some(finish_reason))];
-                    if c.include_usage {
-                        v.push(c.usage(usage));
+    let claim = claim.map(|cl| (cl, opening.iter().map(Out::wire).collect::<String>()));
+    let state = State {
+        c,
+        out,
+        phase: Phase::Start(first),
+        claim,
+    };
+    let events = stream::unfold(state, |mut st| async move {
+        let piece = match std::mem::replace(&mut st.phase, Phase::Next) {
+            Phase::Done => return None,
+            Phase::Start(p) => p,
+            Phase::Next => st.out.next().await?,
+        };
+        let batch: Vec<Out> = match piece {
+            Piece::Text(t) => vec![st.c.text(t)],
+            Piece::End {
+                finish_reason,
+                usage,
+            } => {
+                let mut v = vec![st.c.chunk(ChatDelta::default(), None, Some(finish_reason))];
+                if st.c.include_usage {
+                    v.push(st.c.usage(usage));
+                }
+                v.push(Out("[DONE]".into()));
+                st.phase = Phase::Done;
+                if let Some((claim, mut sent)) = st.claim.take() {
+                    sent.extend(v.iter().map(Out::wire));
+                    if let Err(e) = claim.complete(sent.as_bytes()).await {
+                        // Not stored: say so instead of ending normally (the claim is
+                        // released, so a retry runs again).
+                        return Some((vec![Chunker::json(&e.body())], st));
                     }
-                    v.push(Event::default().data("[DONE]"));
-                    return Some((v, (c, out, Phase::Done)));
                 }
-                // A failure after the stream started: an error event, never a normal end.
-                Piece::Error(e) => {
-                    let ev = Chunker::json(&e.body());
-                    return Some((vec![ev], (c, out, Phase::Done)));
-                }
-            };
-            Some((batch, (c, out, Phase::Next)))
-        },
-    );
+                v
+            }
+            // A failure after the stream started: an error event, never a normal end.
+            Piece::Error(e) => {
+                st.phase = Phase::Done;
+                vec![Chunker::json(&e.body())]
+            }
+        };
+        if let Some((_, sent)) = &mut st.claim {
+            sent.extend(batch.iter().map(Out::wire));
+        }
+        Some((batch, st))
+    });
     let flat = futures::StreamExt::flat_map(events, |v| {
-        stream::iter(v.into_iter().map(Ok::<_, Infallible>))
+        stream::iter(v.into_iter().map(|o| Ok::<_, Infallible>(o.event())))
     });
     let all = futures::StreamExt::chain(
-        stream::iter(opening.into_iter().map(Ok::<_, Infallible>)),
+        stream::iter(opening.into_iter().map(|o| Ok::<_, Infallible>(o.event()))),
         flat,
     );
     Sse::new(all)
