@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{chat_body, client, config, serve, MODEL};
+use common::{call, chat_body, client, config, serve, MODEL};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokenfab::config::{Config, PriceConfig};
@@ -31,24 +31,6 @@ fn prompt_priced(mut c: Config) -> Config {
 
 async fn create_key(url: &str, spec: Value) -> (String, String) {
     common::create_key(url, ADMIN, spec).await
-}
-
-async fn call(
-    url: &str,
-    key: Option<&str>,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> reqwest::Response {
-    let mut req = client()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(body);
-    if let Some(k) = key {
-        req = req.bearer_auth(k);
-    }
-    for (h, v) in headers {
-        req = req.header(*h, *v);
-    }
-    req.send().await.expect("send")
 }
 
 async fn get(url: &str, path: &str, key: Option<&str>) -> (u16, Value) {

@@ -63,26 +63,14 @@ async fn metrics_catalog_matches_the_exposition_and_promtool_accepts_it() {
                "messages": [{"role": "user", "content": "hello"}]})
     };
     for stream in [true, false, true, false] {
-        let r = client()
-            .post(format!("{url}/v1/chat/completions"))
-            .bearer_auth(&key)
-            .json(&body(stream))
-            .send()
-            .await
-            .expect("send");
+        let r = common::call(&url, Some(&key), &body(stream), &[]).await;
         assert_eq!(r.status(), 200);
         let _ = r.bytes().await;
     }
     // A request refused at admission is an HTTP 429, not an admitted request that ended.
     let (_, limited) = common::create_key(&url, ADMIN, json!({"tenant": "obs", "rpm": 1})).await;
     for expect in [200, 429] {
-        let r = client()
-            .post(format!("{url}/v1/chat/completions"))
-            .bearer_auth(&limited)
-            .json(&body(false))
-            .send()
-            .await
-            .expect("send");
+        let r = common::call(&url, Some(&limited), &body(false), &[]).await;
         assert_eq!(r.status().as_u16(), expect);
     }
     let text = common::scrape(&url).await;
@@ -236,15 +224,10 @@ async fn dashboard_shows_live_numbers_in_chromium() {
     let before = chromium(&with_key, &["--dump-dom"]).await.expect("dom");
     assert_eq!(shown(&before, "requests-total"), Some(0), "{before}");
     let (_, key) = common::create_key(&url, ADMIN, json!({"tenant": "dash"})).await;
+    let body = json!({"model": "mock", "max_tokens": 4,
+                      "messages": [{"role": "user", "content": "hi"}]});
     for _ in 0..5 {
-        let r = client()
-            .post(format!("{url}/v1/chat/completions"))
-            .bearer_auth(&key)
-            .json(&json!({"model": "mock", "max_tokens": 4,
-                          "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-            .await
-            .expect("send");
+        let r = common::call(&url, Some(&key), &body, &[]).await;
         assert_eq!(r.status(), 200);
     }
     let after = chromium(&with_key, &["--dump-dom"]).await.expect("dom");
@@ -418,16 +401,14 @@ async fn each_request_is_one_otlp_trace_under_the_clients_traceparent() {
     let (_, key) = common::create_key(&url, ADMIN, json!({"tenant": "traced"})).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
-    let r = client()
-        .post(format!("{url}/v1/chat/completions"))
-        .bearer_auth(&key)
-        .header("traceparent", format!("00-{trace_id}-{parent}-01"))
-        .header("x-request-id", "trace-test-1")
-        .json(&json!({"model": "mock", "max_tokens": 4, "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .expect("send");
+    let traceparent = format!("00-{trace_id}-{parent}-01");
+    let body = json!({"model": "mock", "max_tokens": 4, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let headers = [
+        ("traceparent", traceparent.as_str()),
+        ("x-request-id", "trace-test-1"),
+    ];
+    let r = common::call(&url, Some(&key), &body, &headers).await;
     assert_eq!(r.status(), 200);
     let _ = r.bytes().await;
     let mut spans = Vec::new();

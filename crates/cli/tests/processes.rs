@@ -200,13 +200,7 @@ async fn four_gateways_share_one_postgres_budget_exactly() {
     for n in 0..1000 {
         let (url, key, body) = (urls[n % 4].clone(), key.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
-            let r = client()
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(key)
-                .json(&body)
-                .send()
-                .await
-                .expect("send");
+            let r = common::call(&url, Some(&key), &body, &[]).await;
             r.status().as_u16()
         }));
     }
@@ -254,13 +248,7 @@ async fn two_gateways_share_one_rate_limit_through_redis() {
     for n in 0..100 {
         let (url, key, body) = (servers[n % 2].url.clone(), key.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
-            let r = client()
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(key)
-                .json(&body)
-                .send()
-                .await
-                .expect("send");
+            let r = common::call(&url, Some(&key), &body, &[]).await;
             let h = |name: &str| {
                 r.headers()
                     .get(name)

@@ -105,6 +105,25 @@ pub async fn stream_events(url: &str, path: &str, body: &serde_json::Value) -> V
         .collect()
 }
 
+/// POST `body` to `/v1/chat/completions`, with `key` as bearer token and extra `headers`.
+pub async fn call(
+    url: &str,
+    key: Option<&str>,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    for (h, v) in headers {
+        req = req.header(*h, *v);
+    }
+    req.send().await.expect("send")
+}
+
 /// The `/metrics` exposition.
 pub async fn scrape(url: &str) -> String {
     client()
