@@ -13,8 +13,15 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub gateway: GatewaySection,
     pub observability: ObservabilitySection,
+    /// Remote workers, aliases and routing (`[[fleet.workers]]`, `[[fleet.aliases]]`,
+    /// `[fleet.policies]`); empty: this process's engine serves everything.
+    pub fleet: tokenfab_fleet::FleetSpec,
     /// Price per model name served, in USD per million tokens.
     pub prices: BTreeMap<String, PriceConfig>,
+    /// Set by `tokenfab worker`: an engine behind a gateway (open, in-memory ledger, the
+    /// forwarded tenant trusted). Not a file setting.
+    #[serde(skip)]
+    pub worker: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,7 +102,8 @@ pub struct ServerConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Catalog name, local .gguf path, or hf:<owner>/<repo>/<file>.
+    /// Catalog name, local .gguf path, or hf:<owner>/<repo>/<file>; `none`: no local
+    /// engine (a gateway that only routes to `[fleet]` workers).
     pub name: String,
     /// KV cells shared by all sequences (tokens).
     pub kv_tokens: u32,
@@ -209,15 +217,27 @@ impl Config {
         format!("{host}:{}", self.server.port)
     }
 
-    /// The configured price of `model` (zero when none is configured).
-    pub fn price(&self, model: &str) -> anyhow::Result<tokenfab_ledger::Price> {
-        let p = self.prices.get(model).copied().unwrap_or_default();
-        tokenfab_ledger::Price::from_usd_per_mtok(
-            p.prompt_usd_per_mtok,
-            p.cached_usd_per_mtok,
-            p.completion_usd_per_mtok,
-        )
-        .map_err(|e| anyhow::anyhow!("prices.{model}: {e}"))
+    /// The configured prices per model name (a model not listed is free).
+    pub fn prices(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, tokenfab_ledger::Price>> {
+        self.prices
+            .iter()
+            .map(|(model, p)| {
+                let price = tokenfab_ledger::Price::from_usd_per_mtok(
+                    p.prompt_usd_per_mtok,
+                    p.cached_usd_per_mtok,
+                    p.completion_usd_per_mtok,
+                )
+                .map_err(|e| anyhow::anyhow!("prices.{model}: {e}"))?;
+                Ok((model.clone(), price))
+            })
+            .collect()
+    }
+
+    /// Whether this process runs no engine of its own (`model.name = "none"`).
+    pub fn routing_only(&self) -> bool {
+        self.model.name == "none" && self.model.mock.is_empty()
     }
 
     pub fn engine(&self) -> tokenfab_engine::EngineConfig {

@@ -1,4 +1,4 @@
-//! The `tokenfab` binary: `serve`, `pull`, `bench`, `config`, `keys`, `usage`.
+//! The `tokenfab` binary: `serve`, `worker`, `pull`, `bench`, `config`, `keys`, `usage`.
 //!
 //! Wiring only: it parses flags and config, builds the engine with the llama.cpp executor
 //! and hands it to the gateway. Logic belongs in the library crates.
@@ -38,6 +38,10 @@ enum LogFormat {
 enum Command {
     /// Serve the OpenAI-compatible API (pulls the model first if needed).
     Serve(ServeArgs),
+    /// Run an engine alone, for a gateway in front (`[[fleet.workers]]`) to route to: no
+    /// keys or ledger of its own; it trusts the tenant the gateway forwards. Port 8081
+    /// unless given.
+    Worker(ServeArgs),
     /// Fetch a model into the cache and verify it.
     Pull {
         /// Catalog name, local .gguf path, or hf:<owner>/<repo>/<file>.
@@ -110,6 +114,14 @@ pub struct ServeArgs {
     /// (e.g. http://127.0.0.1:4318). Default: off.
     #[arg(long, env = "TOKENFAB_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// A remote worker to route to, `URL` or `URL=MODEL[+MODEL...]` (repeatable; added to
+    /// `[[fleet.workers]]`). Without models, the worker's `/v1/models` is asked at start.
+    #[arg(long = "worker", value_name = "URL[=MODELS]")]
+    workers: Vec<String>,
+    /// Routing policy for models without their own: prefix-load, round-robin,
+    /// least-tokens, dynamo-kv, llmd-weighted, sglang-cache-aware.
+    #[arg(long, env = "TOKENFAB_ROUTE")]
+    route: Option<String>,
 }
 
 impl ServeArgs {
@@ -160,6 +172,38 @@ impl ServeArgs {
         if let Some(v) = &self.otlp_endpoint {
             c.observability.otlp_endpoint.clone_from(v);
         }
+        for w in &self.workers {
+            let (url, models) = w.split_once('=').unwrap_or((w, ""));
+            c.fleet.workers.push(tokenfab_fleet::WorkerSpec {
+                url: url.to_owned(),
+                models: models
+                    .split('+')
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                ..tokenfab_fleet::WorkerSpec::default()
+            });
+        }
+        if let Some(v) = &self.route {
+            c.fleet.default_policy.clone_from(v);
+        }
+        Ok(c)
+    }
+
+    /// As [`ServeArgs::resolve`], for `tokenfab worker`: port 8081 by default, open, an
+    /// in-memory ledger, the forwarded tenant trusted.
+    fn resolve_worker(&self) -> anyhow::Result<Config> {
+        let mut c = self.resolve()?;
+        if self.port.is_none() && c.server.port == Config::default().server.port {
+            c.server.port = 8081;
+        }
+        if !c.gateway.admin_key.is_empty() {
+            anyhow::bail!(
+                "a worker has no keys of its own; authenticate at the gateway in front of it"
+            );
+        }
+        c.gateway.ledger = "memory".into();
+        c.worker = true;
         Ok(c)
     }
 }
@@ -167,14 +211,17 @@ impl ServeArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let json = matches!(cli.log_format, LogFormat::Json);
-    if let Command::Serve(args) = &cli.command {
-        let cfg = args.resolve()?;
+    if let Command::Serve(args) | Command::Worker(args) = &cli.command {
+        let cfg = match &cli.command {
+            Command::Worker(_) => args.resolve_worker()?,
+            _ => args.resolve()?,
+        };
         let _telemetry = telemetry::init(json, &cfg.observability.otlp_endpoint)?;
         return serve::run(cfg);
     }
     let _telemetry = telemetry::init(json, "")?;
     match cli.command {
-        Command::Serve(_) => Ok(()),
+        Command::Serve(_) | Command::Worker(_) => Ok(()),
         Command::Pull { model } => {
             let pulled = tokenfab_llama::pull::pull(&model, &tokenfab_llama::pull::home())?;
             println!("{}", pulled.path.display());

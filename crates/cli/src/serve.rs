@@ -1,4 +1,5 @@
-//! `tokenfab serve`: pull → load → engine thread → ledger → HTTP.
+//! `tokenfab serve` and `tokenfab worker`: pull → load → engine thread → ledger → fleet →
+//! HTTP.
 
 use crate::config::Config;
 use anyhow::Context;
@@ -16,7 +17,8 @@ use tokio_util::task::TaskTracker;
 /// A ready server: the HTTP router and the engine behind it.
 pub struct App {
     pub router: axum::Router,
-    pub engine: Engine,
+    /// `None` on a gateway that only routes to remote workers.
+    pub engine: Option<Engine>,
     /// The name the model is served under.
     pub model: String,
     /// Whether API keys are required (else local single-user mode).
@@ -30,6 +32,15 @@ pub struct App {
 pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     if !cfg.model.mock.is_empty() {
         return build_mock(cfg).await;
+    }
+    if cfg.routing_only() {
+        if cfg.fleet.workers.is_empty() {
+            anyhow::bail!(
+                "model `none` needs at least one [[fleet.workers]] entry (or --worker URL)"
+            );
+        }
+        let registry = prometheus::Registry::new();
+        return assemble(cfg, registry, None, Arc::new(ByteTokenizer), String::new()).await;
     }
     let pulled = tokenfab_llama::pull::pull(&cfg.model.name, &tokenfab_llama::pull::home())?;
     let model = LoadedModel::load(&pulled.path, &pulled.name)?;
@@ -77,7 +88,7 @@ pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::
         LlamaExecutor::new(&m, &exec_cfg).map_err(|e| e.to_string())
     })?;
     let name = model.name().to_owned();
-    assemble(cfg, registry, engine, model, name).await
+    assemble(cfg, registry, Some(engine), model, name).await
 }
 
 /// `--mock PROFILE`: the same engine loop and scheduler over a timing model that emits
@@ -98,7 +109,7 @@ async fn build_mock(cfg: &Config) -> anyhow::Result<App> {
     assemble(
         cfg,
         registry,
-        engine,
+        Some(engine),
         Arc::new(ByteTokenizer),
         MOCK_MODEL.into(),
     )
@@ -108,11 +119,11 @@ async fn build_mock(cfg: &Config) -> anyhow::Result<App> {
 /// The model name `--mock` serves.
 pub const MOCK_MODEL: &str = "mock";
 
-/// Ledger, auth and router around a running engine.
+/// Ledger, auth, fleet and router around a running engine (or none).
 async fn assemble(
     cfg: &Config,
     registry: prometheus::Registry,
-    engine: Engine,
+    engine: Option<Engine>,
     tokenizer: Arc<dyn Tokenizer>,
     name: String,
 ) -> anyhow::Result<App> {
@@ -124,19 +135,23 @@ async fn assemble(
     } else {
         AuthMode::Open
     };
-    let cap = engine.capacity();
-    tracing::info!(
-        model = name,
-        kv_tokens = cap.kv_tokens,
-        slots = cap.slots,
-        context = cap.max_seq_tokens,
-        "engine ready"
-    );
+    if let Some(engine) = &engine {
+        let cap = engine.capacity();
+        tracing::info!(
+            model = name,
+            kv_tokens = cap.kv_tokens,
+            slots = cap.slots,
+            context = cap.max_seq_tokens,
+            "engine ready"
+        );
+    }
+    let fleet = fleet(cfg, &registry, engine.as_ref().map(|_| name.clone())).await?;
     let tracker = TaskTracker::new();
     let state = AppState {
         engine: engine.clone(),
         tokenizer,
         model: name.clone(),
+        fleet,
         metrics: if cfg.observability.metrics {
             GatewayMetrics::new(&registry)?
         } else {
@@ -146,7 +161,8 @@ async fn assemble(
         config: GatewayConfig {
             max_body_bytes: cfg.server.max_body_bytes,
             node: cfg.node(),
-            price: cfg.price(&name)?,
+            prices: cfg.prices()?,
+            trust_forwarded_tenant: cfg.worker,
         },
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -168,6 +184,58 @@ async fn assemble(
         keyed,
         tracker,
     })
+}
+
+/// The fleet `cfg` describes (with this process's engine as a member serving
+/// `local_model`), its health checks and discovery started; `None` without `[fleet]`.
+async fn fleet(
+    cfg: &Config,
+    registry: &prometheus::Registry,
+    local_model: Option<String>,
+) -> anyhow::Result<Option<Arc<tokenfab_fleet::Fleet>>> {
+    let spec = &cfg.fleet;
+    if spec.workers.is_empty() && spec.aliases.is_empty() {
+        return Ok(None);
+    }
+    let discovery: Arc<dyn tokenfab_fleet::Discovery> = Arc::new(tokenfab_fleet::StaticDns {
+        workers: spec.workers.clone(),
+    });
+    let workers = discovery
+        .workers()
+        .await
+        .map_err(|e| anyhow::anyhow!("fleet workers: {e}"))?;
+    let mut spec = spec.clone();
+    spec.workers = Vec::with_capacity(workers.len());
+    for mut w in workers {
+        if w.models.is_empty() {
+            w.models = tokenfab_fleet::list_models(&w, std::time::Duration::from_secs(10))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "fleet worker {} has no `models` and could not list them: {e}",
+                        w.display_name()
+                    )
+                })?;
+        }
+        spec.workers.push(w);
+    }
+    let metrics = tokenfab_fleet::FleetMetrics::new(registry)?;
+    let fleet = Arc::new(
+        tokenfab_fleet::Fleet::new(spec, local_model, metrics).map_err(anyhow::Error::msg)?,
+    );
+    for m in fleet.members() {
+        tracing::info!(
+            worker = m.name,
+            models = m.models.join(","),
+            tier = m.tier,
+            accelerator = m.accelerator,
+            "fleet worker"
+        );
+    }
+    tokio::spawn(fleet.clone().check_health());
+    let every = std::time::Duration::from_secs(cfg.fleet.dns_refresh_s.max(1));
+    tokio::spawn(tokenfab_fleet::refresh(fleet.clone(), discovery, every));
+    Ok(Some(fleet))
 }
 
 /// Rate-limit counters where `cfg` puts them.
@@ -202,15 +270,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     rt.block_on(async move {
         let app = build(&cfg).await?;
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+        let served = if app.model.is_empty() { "the fleet's models".to_owned() } else { app.model.clone() };
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        if app.keyed {
-            tracing::info!("serving {} on http://{addr} (API keys required)", app.model);
+        if cfg.worker {
+            tracing::info!(
+                "worker serving {served} on http://{addr}: it trusts the tenant a gateway forwards (x-tokenfab-tenant), so only gateways should reach it"
+            );
+        } else if app.keyed {
+            tracing::info!("serving {served} on http://{addr} (API keys required)");
         } else {
             tracing::warn!(
-                "serving {} on http://{addr} in local single-user mode: no API keys or admin key configured, every request is accepted and nothing is metered (`tokenfab keys create --tenant NAME` turns keys on)",
-                app.model
+                "serving {served} on http://{addr} in local single-user mode: no API keys or admin key configured, every request is accepted and nothing is metered (`tokenfab keys create --tenant NAME` turns keys on)"
             );
         }
         let served = tokenfab_gateway::serve(listener, app.router, limits(&cfg), shutdown(app.engine))
@@ -224,7 +296,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// Resolve on SIGINT or SIGTERM; stop admitting, let in-flight requests finish.
-async fn shutdown(engine: Engine) {
+async fn shutdown(engine: Option<Engine>) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -244,5 +316,7 @@ async fn shutdown(engine: Engine) {
         () = term => {},
     }
     tracing::info!("shutting down: finishing in-flight requests");
-    engine.drain();
+    if let Some(e) = engine {
+        e.drain();
+    }
 }

@@ -71,6 +71,7 @@ pub fn init(json: bool, otlp_endpoint: &str) -> anyhow::Result<Telemetry> {
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
         tokenfab_gateway::trace::set_parent_extractor(parent_from_headers);
+        tokenfab_gateway::trace::set_context_injector(context_to_headers);
         Some(tracing_opentelemetry::layer().with_tracer(tracer))
     };
     tracing_subscriber::registry()
@@ -103,6 +104,14 @@ fn parent_from_headers(span: &tracing::Span, headers: &axum::http::HeaderMap) {
     }
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
     span.set_parent(cx);
+}
+
+/// `span`'s trace context as `traceparent` (and `tracestate`) headers.
+fn context_to_headers(span: &tracing::Span) -> Vec<(String, String)> {
+    let mut out = std::collections::HashMap::new();
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut out));
+    out.into_iter().collect()
 }
 
 #[cfg(test)]

@@ -56,6 +56,13 @@ async fn metrics_catalog_matches_the_exposition_and_promtool_accepts_it() {
     let mut cfg = common::config();
     cfg.model.mock = "linear:1:100".into();
     cfg.gateway.admin_key = ADMIN.into();
+    // A fleet of just the local engine (an alias turns it on), so its series exist too.
+    cfg.fleet.aliases.push(tokenfab_fleet::AliasSpec {
+        name: "auto".into(),
+        small: "mock".into(),
+        large: "mock".into(),
+        ..tokenfab_fleet::AliasSpec::default()
+    });
     let url = common::serve_mock(cfg).await;
     let (_, key) = common::create_key(&url, ADMIN, json!({"tenant": "obs"})).await;
     let body = |stream: bool| {

@@ -82,25 +82,26 @@ async fn shared_system_prompt_is_prefilled_once_per_tenant() {
         p1.len()
     );
     let common = p1.iter().zip(&p2).take_while(|(a, b)| a == b).count() as u64;
+    let engine = app.engine.clone().expect("a local engine");
 
     assert_eq!(
-        cached_tokens(&app.engine, "a", p1.clone()).await,
+        cached_tokens(&engine, "a", p1.clone()).await,
         0,
         "cold cache"
     );
-    let hit = cached_tokens(&app.engine, "a", p2.clone()).await;
+    let hit = cached_tokens(&engine, "a", p2.clone()).await;
     // Whole 16-token blocks of the common prefix are reused; only the tail is prefilled.
     assert_eq!(hit, common / 16 * 16, "common prefix {common}");
     assert!(hit >= 1000);
     // Another tenant with the very same prompt gets nothing from tenant a's cache.
     assert_eq!(
-        cached_tokens(&app.engine, "b", p2.clone()).await,
+        cached_tokens(&engine, "b", p2.clone()).await,
         0,
         "prefix crossed tenants"
     );
     // Its own second request hits its own entry.
     assert_eq!(
-        cached_tokens(&app.engine, "b", p2.clone()).await,
+        cached_tokens(&engine, "b", p2.clone()).await,
         (p2.len() as u64 - 1) / 16 * 16
     );
 }

@@ -3,35 +3,13 @@
 
 mod common;
 
-use common::{chat_body, client};
+use common::{chat_body, client, free_port, spawn, Server};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokenfab_ledger::testkit::postgres_or_skip;
 
 const ADMIN: &str = "proc-admin-key-0123456789";
-const BIN: &str = env!("CARGO_BIN_EXE_tokenfab");
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// Start `tokenfab serve` with the default model, small KV, and `extra` flags.
 async fn start(dir: &Path, port: u16, completion_price: f64, extra: &[&str]) -> Server {
     common::model(); // make sure the model is in the cache before the child looks for it
@@ -41,30 +19,13 @@ async fn start(dir: &Path, port: u16, completion_price: f64, extra: &[&str]) -> 
         format!("[prices.smollm2-135m-instruct]\nprompt_usd_per_mtok = 1.0\ncached_usd_per_mtok = 1.0\ncompletion_usd_per_mtok = {completion_price:?}\n"),
     )
     .expect("write config");
-    let log = std::fs::File::create(dir.join(format!("serve-{port}.log"))).expect("log");
-    let child = Command::new(BIN)
-        .args(["serve", "--port", &port.to_string(), "--kv-tokens", "2048"])
-        .args(["--slots", "8", "--threads", "1", "--admin-key", ADMIN])
-        .arg("--config")
-        .arg(&config)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn tokenfab serve");
-    let server = Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    for _ in 0..600 {
-        if let Ok(r) = client().get(format!("{}/health", server.url)).send().await {
-            if r.status().is_success() {
-                return server;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("tokenfab serve did not come up on {}", server.url);
+    let port_s = port.to_string();
+    let config = config.display().to_string();
+    let mut args = vec!["serve", "--port", &port_s, "--kv-tokens", "2048"];
+    args.extend(["--slots", "8", "--threads", "1", "--admin-key", ADMIN]);
+    args.extend(["--config", &config]);
+    args.extend(extra);
+    spawn(&args, port, &dir.join(format!("serve-{port}.log"))).await
 }
 
 /// `n` gateway processes sharing the ledger at `db`, each with its own node name.

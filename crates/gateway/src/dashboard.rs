@@ -109,7 +109,26 @@ fn buckets(families: &[MetricFamily], name: &str) -> Vec<(f64, u64)> {
 
 async fn data(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     let f = s.registry.gather();
-    let engine = s.engine.snapshot();
+    let mut workers = Vec::new();
+    if let Some(e) = &s.engine {
+        let engine = e.snapshot();
+        workers.push(json!({
+            "name": s.config.node,
+            "kind": "local engine",
+            "model": s.model,
+            "status": "ok",
+            "running": engine.running,
+            "waiting": engine.waiting.iter().sum::<u32>(),
+            "kv_used": engine.kv_blocks_used,
+            "kv_total": engine.kv_blocks_total,
+            "cached_seqs": engine.cached_seqs,
+        }));
+    }
+    if let Some(f) = &s.fleet {
+        if let Value::Array(remote) = fleet_workers(f) {
+            workers.extend(remote.into_iter().filter(|w| w["kind"] != "local engine"));
+        }
+    }
     let counter = |name: &str, want: &[(&str, &str)]| sum(&f, name, want) as u64;
     let outcome = |o: &str| counter("tokenfab_gateway_requests_total", &[("outcome", o)]);
     let kind = |k: &str| counter("tokenfab_gateway_tokens_total", &[("kind", k)]);
@@ -163,17 +182,7 @@ async fn data(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
         "model": s.model,
         "node": s.config.node,
         "uptime_s": u64::try_from(unix_now()).unwrap_or(0).saturating_sub(s.started),
-        "workers": [{
-            "name": s.config.node,
-            "kind": "local engine",
-            "model": s.model,
-            "status": "ok",
-            "running": engine.running,
-            "waiting": engine.waiting.iter().sum::<u32>(),
-            "kv_used": engine.kv_blocks_used,
-            "kv_total": engine.kv_blocks_total,
-            "cached_seqs": engine.cached_seqs,
-        }],
+        "workers": workers,
         "counters": {
             "requests_completed": outcome("completed"),
             "requests_failed": outcome("failed"),
@@ -189,4 +198,25 @@ async fn data(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
         "tenants": tenants,
         "errors": s.metrics.recent_errors(),
     })))
+}
+
+/// The fleet's workers as the router sees them (`/health`, the dashboard).
+pub fn fleet_workers(f: &tokenfab_fleet::Fleet) -> Value {
+    let now = std::time::Instant::now();
+    f.members()
+        .iter()
+        .map(|m| {
+            let remote = m.remote();
+            json!({
+                "name": m.name,
+                "kind": if remote.is_some() { "remote" } else { "local engine" },
+                "url": remote.map(|r| r.spec.url.clone()),
+                "model": m.models.join(", "),
+                "accelerator": m.accelerator,
+                "tier": m.tier,
+                "status": if m.routable(now) { "ok" } else { "ejected" },
+                "running": m.outstanding(),
+            })
+        })
+        .collect()
 }

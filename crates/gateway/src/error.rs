@@ -67,6 +67,33 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<tokenfab_fleet::WorkerError> for ApiError {
+    /// A worker's refusal of the request itself keeps its status' meaning; anything else
+    /// is the worker's failure.
+    fn from(e: tokenfab_fleet::WorkerError) -> Self {
+        let code = match (e.failure, e.status) {
+            (tokenfab_fleet::Failure::Rejected, Some(404)) => ErrorCode::ModelNotFound,
+            (tokenfab_fleet::Failure::Rejected, Some(413)) => ErrorCode::PayloadTooLarge,
+            (tokenfab_fleet::Failure::Rejected, _) => ErrorCode::InvalidRequest,
+            (tokenfab_fleet::Failure::Busy, _) => ErrorCode::Overloaded,
+            (tokenfab_fleet::Failure::Broken, _) => ErrorCode::UpstreamFailed,
+        };
+        let mut err = ApiError::new(code, e.to_string());
+        if code == ErrorCode::Overloaded {
+            err.retry_after = Some(Nanos::from_millis(1000));
+        }
+        err
+    }
+}
+
+impl From<tokenfab_fleet::PickError> for ApiError {
+    fn from(e: tokenfab_fleet::PickError) -> Self {
+        let mut err = ApiError::new(ErrorCode::Overloaded, e.to_string());
+        err.retry_after = Some(Nanos::from_millis(1000));
+        err
+    }
+}
+
 impl From<LedgerError> for ApiError {
     fn from(e: LedgerError) -> Self {
         ApiError::new(e.code(), e.to_string())
@@ -88,6 +115,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::IdempotencyInFlight => StatusCode::CONFLICT,
         ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -116,6 +144,7 @@ fn openai_kind(code: ErrorCode) -> (&'static str, Option<&'static str>) {
         }
         ErrorCode::Overloaded => ("server_error", Some("overloaded")),
         ErrorCode::ShuttingDown => ("server_error", Some("shutting_down")),
+        ErrorCode::UpstreamFailed => ("server_error", Some("upstream_failed")),
         ErrorCode::Internal => ("server_error", Some("internal_error")),
     }
 }

@@ -8,6 +8,7 @@ mod admin;
 mod auth;
 mod cache;
 mod dashboard;
+mod dispatch;
 mod error;
 mod extract;
 mod idempotency;

@@ -53,8 +53,7 @@ pub async fn admit(
     key: Option<&KeyRecord>,
     (request_id, x_request_id): (&str, &str),
     timer: RequestTimer,
-    prompt: u64,
-    max_completion: u64,
+    (model, prompt, max_completion): (&str, u64, u64),
 ) -> Result<Meter, ApiError> {
     let mut meter = Meter {
         ledger: None,
@@ -83,10 +82,10 @@ pub async fn admit(
         node: s.config.node.clone(),
         key_id: key.id.clone(),
         tenant: key.tenant.clone(),
-        model: s.model.clone(),
+        model: model.to_owned(),
         prompt: Tokens(prompt),
         max_completion: Tokens(max_completion),
-        price: s.config.price,
+        price: s.config.price_of(model),
         now: unix_now(),
         x_request_id: Some(x_request_id.to_owned()),
     };
@@ -163,6 +162,22 @@ impl Meter {
             t.end(outcome, usage, settled);
         }
         Ok(())
+    }
+
+    /// Move the request's held resources (limits, reservation, timer) into a new meter,
+    /// to run the request again on another worker; this one is left ended and empty. What
+    /// was noted as served is dropped: it never reached the client.
+    pub fn take_for_retry(&mut self) -> Meter {
+        self.ended = true;
+        Meter {
+            ledger: self.ledger.take(),
+            limit: self.limit.take(),
+            tracker: self.tracker.clone(),
+            usage: TokenUsage::default(),
+            ended: false,
+            timer: self.timer.take(),
+            rate: self.rate.take(),
+        }
     }
 
     /// Usage recorded so far.

@@ -3,6 +3,10 @@
 //! has been billed first (progress before text, the settlement before the end), and so
 //! that, when it is dropped early, the meter learns exactly how many tokens the engine had
 //! handed over (read or not) before it settles them.
+//!
+//! The tokens come from this process's engine (token ids, decoded here) or from a remote
+//! worker (text chunks; the worker decoded them). A remote failure before anything reached
+//! the client is a [`Piece::Retry`]: the caller may send the request to another worker.
 
 use crate::error::ApiError;
 use crate::meter::Meter;
@@ -11,6 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use tokenfab_api::{PromptTokensDetails, Usage};
 use tokenfab_engine::{Event, FinishReason, Generation, Tokenizer, Utf8Stream};
+use tokenfab_fleet::{Failure, Lease, RemoteEvent, RemoteStream, WorkerError};
 use tokenfab_ledger::{Outcome, TokenUsage};
 use tokenfab_types::{ErrorCode, Tokens};
 
@@ -18,6 +23,8 @@ use tokenfab_types::{ErrorCode, Tokens};
 pub struct Started {
     pub out: TextOutput,
     pub first: Piece,
+    /// The fleet worker serving it (for `x-tokenfab-worker`), when a fleet routes.
+    pub worker: Option<String>,
 }
 
 /// The ledger's view of an OpenAI usage block.
@@ -37,12 +44,23 @@ pub enum Piece {
         usage: Usage,
     },
     Error(ApiError),
+    /// The worker failed before anything reached the client: nothing is billed, and the
+    /// request may run again elsewhere (see [`TextOutput::take_meter`]).
+    Retry(WorkerError),
+}
+
+/// Where the tokens come from.
+enum Source {
+    Engine {
+        generation: Generation,
+        tokenizer: Arc<dyn Tokenizer>,
+        utf8: Utf8Stream,
+    },
+    Remote(RemoteStream),
 }
 
 pub struct TextOutput {
-    generation: Option<Generation>,
-    tokenizer: Arc<dyn Tokenizer>,
-    utf8: Utf8Stream,
+    source: Option<Source>,
     stop: StopMatcher,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -51,6 +69,10 @@ pub struct TextOutput {
     /// Streams release text as it comes, so its progress is made durable first; a whole
     /// response releases nothing before the settlement, which covers it.
     streaming: bool,
+    /// Text has gone out on a stream: a failure can no longer be retried elsewhere.
+    released: bool,
+    /// The fleet worker's claim, when a fleet routed the request.
+    lease: Option<Lease>,
 }
 
 fn usage(prompt: u64, cached: u64, completion: u64) -> Usage {
@@ -65,7 +87,8 @@ fn usage(prompt: u64, cached: u64, completion: u64) -> Usage {
 }
 
 impl TextOutput {
-    pub fn new(
+    /// The output of this process's engine.
+    pub fn engine(
         generation: Generation,
         tokenizer: Arc<dyn Tokenizer>,
         stops: Vec<String>,
@@ -73,26 +96,75 @@ impl TextOutput {
         meter: Meter,
         streaming: bool,
     ) -> Self {
-        TextOutput {
-            generation: Some(generation),
+        let source = Source::Engine {
+            generation,
             tokenizer,
             utf8: Utf8Stream::default(),
+        };
+        Self::new(source, stops, prompt_tokens, meter, streaming)
+    }
+
+    /// The output of a remote worker; `prompt_tokens` is the gateway's estimate until the
+    /// worker reports its count.
+    pub fn remote(
+        stream: RemoteStream,
+        stops: Vec<String>,
+        prompt_tokens: u64,
+        meter: Meter,
+        streaming: bool,
+    ) -> Self {
+        Self::new(
+            Source::Remote(stream),
+            stops,
+            prompt_tokens,
+            meter,
+            streaming,
+        )
+    }
+
+    fn new(
+        source: Source,
+        stops: Vec<String>,
+        prompt_tokens: u64,
+        meter: Meter,
+        streaming: bool,
+    ) -> Self {
+        TextOutput {
+            source: Some(source),
             stop: StopMatcher::new(stops),
             prompt_tokens,
             completion_tokens: 0,
             pending: VecDeque::new(),
             meter,
             streaming,
+            released: false,
+            lease: None,
         }
+    }
+
+    pub fn with_lease(mut self, lease: Lease) -> Self {
+        self.lease = Some(lease);
+        self
     }
 
     pub fn meter(&self) -> &Meter {
         &self.meter
     }
 
+    /// After a [`Piece::Retry`]: the request's meter, to run it again elsewhere. What this
+    /// worker produced never reached the client and is not billed.
+    pub fn take_meter(mut self) -> Meter {
+        self.close();
+        self.completion_tokens = 0;
+        self.meter.take_for_retry()
+    }
+
     /// The next piece, billed; `None` after `End` or `Error`.
     pub async fn next(&mut self) -> Option<Piece> {
         let piece = self.next_unbilled().await?;
+        if self.streaming && matches!(piece, Piece::Text(_)) {
+            self.released = true;
+        }
         Some(match self.bill(&piece).await {
             Ok(()) => piece,
             Err(e) => {
@@ -108,9 +180,16 @@ impl TextOutput {
             if let Some(p) = self.pending.pop_front() {
                 return Some(p);
             }
-            let generation = self.generation.as_mut()?;
-            let event = generation.next().await;
-            self.on_event(event);
+            match self.source.as_mut()? {
+                Source::Engine { generation, .. } => {
+                    let event = generation.next().await;
+                    self.on_event(event);
+                }
+                Source::Remote(stream) => {
+                    let event = stream.next().await;
+                    self.on_remote(event);
+                }
+            }
         }
     }
 
@@ -129,6 +208,7 @@ impl TextOutput {
             Piece::End { usage, .. } => {
                 self.meter.finish(usage_of(usage), Outcome::Completed).await
             }
+            Piece::Retry(_) => Ok(()),
             Piece::Error(_) => {
                 // Tokens handed over before the failure are billed.
                 let served = if completion > 0 {
@@ -154,42 +234,117 @@ impl TextOutput {
     /// Stop generating (dropping the generation cancels it in the engine), counting the
     /// tokens the engine had already handed over.
     fn close(&mut self) {
-        if let Some(mut g) = self.generation.take() {
-            self.completion_tokens += g.close();
+        if let Some(Source::Engine { mut generation, .. }) = self.source.take() {
+            self.completion_tokens += generation.close();
+        }
+    }
+
+    /// A token was generated (for the worker's load as the router sees it).
+    fn count_token(&mut self) {
+        self.completion_tokens += 1;
+        if let Some(l) = &mut self.lease {
+            l.token();
+        }
+    }
+
+    /// Text after the stop matcher; `true` when a stop string ended the generation.
+    fn emit(&mut self, text: &str) -> bool {
+        let (out, stopped) = self.stop.push(text);
+        self.text(out);
+        if stopped {
+            self.close();
+            self.pending.push_back(Piece::End {
+                finish_reason: "stop",
+                usage: usage(self.prompt_tokens, 0, self.completion_tokens),
+            });
+        }
+        stopped
+    }
+
+    /// Flush what the stop matcher held back, then end.
+    fn end(&mut self, rest: &str, finish_reason: &'static str, u: Usage) {
+        self.close();
+        let (mut out, stopped) = self.stop.push(rest);
+        if !stopped {
+            out.push_str(&self.stop.finish());
+        }
+        self.text(out);
+        self.pending.push_back(Piece::End {
+            finish_reason,
+            usage: u,
+        });
+    }
+
+    fn on_remote(&mut self, event: Option<Result<RemoteEvent, WorkerError>>) {
+        match event {
+            Some(Ok(RemoteEvent::Text(t))) => {
+                self.count_token();
+                self.emit(&t);
+            }
+            Some(Ok(RemoteEvent::Done {
+                finish_reason,
+                usage: reported,
+            })) => {
+                let u = match reported {
+                    Some(r) => {
+                        self.prompt_tokens = r.prompt;
+                        usage(r.prompt, r.cached, r.completion.max(self.completion_tokens))
+                    }
+                    None => usage(self.prompt_tokens, 0, self.completion_tokens),
+                };
+                let reason = match finish_reason.as_str() {
+                    "length" => "length",
+                    "content_filter" => "content_filter",
+                    _ => "stop",
+                };
+                self.end("", reason, u);
+            }
+            Some(Err(e)) => {
+                if let Some(l) = &mut self.lease {
+                    l.fail(&e);
+                }
+                self.close();
+                self.source = None;
+                let piece = if e.failure != Failure::Rejected && !self.released {
+                    Piece::Retry(e)
+                } else {
+                    Piece::Error(e.into())
+                };
+                self.pending.push_back(piece);
+            }
+            None => {
+                self.source = None;
+                self.pending.push_back(Piece::Error(ApiError::new(
+                    ErrorCode::UpstreamFailed,
+                    "the worker's stream ended early",
+                )));
+            }
         }
     }
 
     fn on_event(&mut self, event: Option<Event>) {
         match event {
             Some(Event::Token(t)) => {
-                self.completion_tokens += 1;
-                let text = self.utf8.push(&self.tokenizer.token_bytes(t));
-                let (out, stopped) = self.stop.push(&text);
-                self.text(out);
-                if stopped {
-                    self.close();
-                    self.pending.push_back(Piece::End {
-                        finish_reason: "stop",
-                        usage: usage(self.prompt_tokens, 0, self.completion_tokens),
-                    });
-                }
+                self.count_token();
+                let text = match &mut self.source {
+                    Some(Source::Engine {
+                        tokenizer, utf8, ..
+                    }) => utf8.push(&tokenizer.token_bytes(t)),
+                    _ => String::new(),
+                };
+                self.emit(&text);
             }
             Some(Event::Finished { reason, usage: u }) => {
-                self.close();
-                let rest = self.utf8.finish();
-                let (mut out, stopped) = self.stop.push(&rest);
-                if !stopped {
-                    out.push_str(&self.stop.finish());
-                }
-                self.text(out);
+                let rest = match &mut self.source {
+                    Some(Source::Engine { utf8, .. }) => utf8.finish(),
+                    _ => String::new(),
+                };
                 let finish_reason = match reason {
                     FinishReason::Length => "length",
                     FinishReason::Stop | FinishReason::Cancelled => "stop",
                 };
-                self.pending.push_back(Piece::End {
-                    finish_reason,
-                    usage: usage(u.prompt_tokens, u.cached_tokens, u.completion_tokens),
-                });
+                let u = usage(u.prompt_tokens, u.cached_tokens, u.completion_tokens);
+                self.end(&rest, finish_reason, u);
             }
             Some(Event::Failed(e)) => {
                 self.close();

@@ -3,13 +3,13 @@
 use crate::admin;
 use crate::auth::{self, Caller};
 use crate::cache;
+use crate::dispatch::{self, Job};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::idempotency;
 use crate::limits::RateInfo;
-use crate::meter::{self, Meter};
 use crate::metrics::track;
-use crate::output::{Piece, Started, TextOutput};
+use crate::output::Started;
 use crate::state::AppState;
 use crate::stream::{self, Kind};
 use crate::trace::XRequestId;
@@ -23,10 +23,9 @@ use tokenfab_api::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
     CompletionChoice, CompletionRequest, Model, ModelList,
 };
-use tokenfab_engine::{Band, GenerateRequest, Slo};
-use tokenfab_ledger::Outcome;
-use tokenfab_types::{ErrorCode, TenantId, TokenId, Tokens};
-use tracing::Instrument;
+use tokenfab_engine::ChatTurn;
+use tokenfab_fleet::Endpoint;
+use tokenfab_types::{ErrorCode, TokenId};
 
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
@@ -63,18 +62,22 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Liveness plus load: the local engine's (a gateway routing to this process reads its
+/// KV use from here) and, on a routing gateway, each worker's state.
 async fn health(State(s): State<AppState>) -> Response {
-    let snap = s.engine.snapshot();
-    Json(serde_json::json!({
-        "status": "ok",
-        "model": s.model,
-        "running": snap.running,
-        "waiting": snap.waiting.iter().sum::<u32>(),
-        "kv_blocks_used": snap.kv_blocks_used,
-        "kv_blocks_total": snap.kv_blocks_total,
-        "cached_seqs": snap.cached_seqs,
-    }))
-    .into_response()
+    let mut body = serde_json::json!({ "status": "ok", "model": s.model });
+    if let Some(e) = &s.engine {
+        let snap = e.snapshot();
+        body["running"] = snap.running.into();
+        body["waiting"] = snap.waiting.iter().sum::<u32>().into();
+        body["kv_blocks_used"] = snap.kv_blocks_used.into();
+        body["kv_blocks_total"] = snap.kv_blocks_total.into();
+        body["cached_seqs"] = snap.cached_seqs.into();
+    }
+    if let Some(f) = &s.fleet {
+        body["workers"] = crate::dashboard::fleet_workers(f);
+    }
+    Json(body).into_response()
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
@@ -116,162 +119,53 @@ async fn models(State(s): State<AppState>) -> Json<ModelList> {
     })
 }
 
-/// The band a request runs in: the `x-tokenfab-priority` header, else the key's default.
-/// A header may lower a key's priority, never raise it.
-fn band(headers: &HeaderMap, caller: &Caller) -> Result<Band, ApiError> {
-    let default = caller.0.as_ref().map_or(Band::Standard, |k| k.priority);
-    let Some(v) = headers.get("x-tokenfab-priority") else {
-        return Ok(default);
-    };
-    let asked = v.to_str().ok().and_then(Band::parse).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::InvalidRequest,
-            "x-tokenfab-priority must be one of: interactive, standard, batch",
-        )
-    })?;
-    if caller.0.is_some() && asked < default {
-        return Err(ApiError::new(
-            ErrorCode::PermissionDenied,
-            format!(
-                "This key may use priority `{}` at most; `{}` was asked.",
-                default.as_str(),
-                asked.as_str()
-            ),
-        ));
-    }
-    Ok(asked)
-}
-
-/// `x-tokenfab-cache-scope: NAME` opts into a prefix cache shared by every tenant that
-/// names the same scope; without it, cached prefixes stay private to the tenant.
-fn cache_scope(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get("x-tokenfab-cache-scope") else {
-        return Ok(None);
-    };
-    let ok = |s: &str| {
-        (1..=64).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    };
-    match v.to_str() {
-        Ok(s) if ok(s) => Ok(Some(s.to_owned())),
-        _ => Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "x-tokenfab-cache-scope must be 1-64 characters of [A-Za-z0-9._-]",
-        )),
-    }
-}
-
-/// Admit (limits, budget), submit, and wait for the first piece, so that a rejection
-/// becomes an HTTP status instead of an error inside a 200 stream.
-async fn start(
-    s: &AppState,
-    headers: &HeaderMap,
-    caller: &Caller,
-    (request_id, x_request_id): (&str, &str),
-    prompt: Vec<TokenId>,
-    spec: &Spec,
-) -> Result<Started, ApiError> {
-    let band = band(headers, caller)?;
-    let cache_scope = cache_scope(headers)?;
-    let prompt_tokens = prompt.len() as u64;
-    let ctx = s.engine.capacity().max_seq_tokens;
-    let max_new = spec
-        .max_tokens
-        .unwrap_or_else(|| ctx.saturating_sub(prompt_tokens).max(1));
-    let (tenant, weight) = caller
-        .0
-        .as_ref()
-        .map_or((TenantId::local(), 1), |k| (k.tenant.clone(), k.weight));
-    let span = tracing::Span::current();
-    span.record("tenant", tenant.0.as_str());
-    span.record("worker", s.config.node.as_str());
-    span.record("gen_ai.request.model", s.model.as_str());
-    span.record("gen_ai.request.max_tokens", max_new);
-    span.record("gen_ai.response.id", request_id);
-    let timer = s.metrics.request(&s.model, band, span);
-    let mut meter = meter::admit(
-        s,
-        caller.0.as_ref(),
-        (request_id, x_request_id),
-        timer,
-        prompt_tokens,
-        max_new,
-    )
-    .instrument(tracing::info_span!("admission"))
-    .await?;
-    let submitted = s.engine.submit(GenerateRequest {
-        tenant,
-        band,
-        weight,
-        prompt,
-        max_new: Tokens(max_new),
-        seed: spec.seed,
-        sampling: spec.sampling.clone(),
-        slo: Slo::default(),
-        cache_scope,
-    });
-    let generation = match submitted {
-        Ok(g) => g,
-        Err(e) => return Err(fail(&mut meter, e.into()).await),
-    };
-    let mut out = TextOutput::new(
-        generation,
-        s.tokenizer.clone(),
-        spec.stop.clone(),
-        prompt_tokens,
-        meter,
-        spec.stream,
-    );
-    // Pieces come billed: an error here has already been settled.
-    match out.next().await {
-        Some(Piece::Error(e)) => Err(e),
-        Some(first) => Ok(Started { out, first }),
-        None => Err(ApiError::new(ErrorCode::Internal, "empty generation")),
-    }
-}
-
-/// End a request that failed after admission: bill what was served, return the error
-/// (or the ledger's, if settling failed).
-async fn fail(meter: &mut Meter, e: ApiError) -> ApiError {
-    let served = meter.usage();
-    match meter.finish(served, Outcome::Failed).await {
-        Ok(()) => e,
-        Err(le) => le,
-    }
-}
-
-/// Collect a whole (billed) generation: (text, finish_reason, usage, rate limits).
-async fn collect(
-    started: Started,
-) -> Result<(String, &'static str, tokenfab_api::Usage, Option<RateInfo>), ApiError> {
-    let Started { mut out, first } = started;
-    let mut text = String::new();
-    let mut piece = Some(first);
-    while let Some(p) = piece {
-        match p {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::End {
-                finish_reason,
-                usage,
-            } => return Ok((text, finish_reason, usage, out.meter().rate.clone())),
-            Piece::Error(e) => return Err(e),
-        }
-        piece = out.next().await;
-    }
-    Err(ApiError::new(
-        ErrorCode::Internal,
-        "generation ended without a result",
-    ))
-}
-
 /// Rate-limit headers on a successful response (`x-request-id` is set on every response
 /// by `trace::identify`).
-fn decorate(mut resp: Response, rate: Option<&RateInfo>) -> Response {
+fn decorate(mut resp: Response, rate: Option<&RateInfo>, worker: Option<&str>) -> Response {
     if let Some(rate) = rate {
         rate.write(resp.headers_mut());
     }
+    if let Some(v) = worker.and_then(|w| HeaderValue::from_str(w).ok()) {
+        resp.headers_mut().insert("x-tokenfab-worker", v);
+    }
     resp
+}
+
+/// The prompt as the local model sees it (template rendered, tokens) when this process's
+/// engine may serve `model`, else the conversation as plain text (a remote worker applies
+/// its own template; the text sizes the reservation and keys prefix routing).
+fn chat_prompt(
+    s: &AppState,
+    model: &str,
+    turns: &[ChatTurn],
+) -> Result<(String, Option<Vec<TokenId>>), ApiError> {
+    if !local_may_serve(s, model) {
+        let text = turns
+            .iter()
+            .map(|t| format!("{}: {}\n", t.role, t.content))
+            .collect();
+        return Ok((text, None));
+    }
+    let text = s
+        .tokenizer
+        .render_chat(turns)
+        .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))?;
+    let tokens = s.tokenizer.encode(&text);
+    Ok((text, Some(tokens)))
+}
+
+/// Whether the local engine may end up serving a request for `model` (itself, or an
+/// alias that may resolve to it).
+fn local_may_serve(s: &AppState, model: &str) -> bool {
+    s.engine.is_some()
+        && (model == s.model
+            || s.fleet
+                .as_ref()
+                .is_some_and(|f| f.may_resolve_to(model, &s.model)))
+}
+
+fn body_of<T: serde::Serialize>(req: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(req).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
 }
 
 async fn chat(
@@ -282,47 +176,51 @@ async fn chat(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("gen_ai.operation.name", "chat");
-    let (turns, spec) = validate::chat(&req, &s.model)?;
+    let (turns, spec) = validate::chat(&req, &s)?;
     let (claim, cached) = match before(&s, &caller, &headers, &req, &spec).await? {
         Before::Answer(resp) => return Ok(resp),
         Before::Run { claim, cached } => (claim, cached),
     };
-    let text = s
-        .tokenizer
-        .render_chat(&turns)
-        .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))?;
-    let prompt = s.tokenizer.encode(&text);
+    let (text, tokens) = chat_prompt(&s, &req.model, &turns)?;
+    let job = Job {
+        endpoint: Endpoint::Chat,
+        model: req.model.clone(),
+        text,
+        tokens,
+        body: body_of(&req)?,
+        spec: spec.clone(),
+    };
     let id = response_id("chatcmpl");
-    let started = start(&s, &headers, &caller, (&id, &rid.0), prompt, &spec).await?;
+    let (started, attempts) = dispatch::start(&s, &headers, &caller, (&id, &rid.0), job).await?;
+    let model = attempts.model().to_owned();
     if spec.stream {
         return Ok(streamed(
-            &s,
-            (Kind::Chat, &id),
+            (Kind::Chat, &id, model),
             &spec,
             started,
             claim,
             &cached,
         ));
     }
-    let (content, finish_reason, usage, rate) = collect(started).await?;
+    let c = attempts.collect(started).await?;
     let body = ChatCompletion {
         id: id.clone(),
         object: "chat.completion".into(),
         created: stream::unix_now(),
-        model: s.model.clone(),
+        model,
         choices: vec![ChatChoice {
             index: 0,
             message: AssistantMessage {
                 role: "assistant".into(),
-                content,
+                content: c.text,
             },
-            finish_reason: finish_reason.into(),
+            finish_reason: c.finish_reason.into(),
             logprobs: None,
         }],
-        usage,
+        usage: c.usage,
     };
     let resp = respond(&s, &body, claim, &cached).await?;
-    Ok(decorate(resp, rate.as_ref()))
+    Ok(decorate(resp, c.rate.as_ref(), c.worker.as_deref()))
 }
 
 async fn completions(
@@ -333,40 +231,48 @@ async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("gen_ai.operation.name", "text_completion");
-    let (text, spec) = validate::completion(&req, &s.model)?;
+    let (text, spec) = validate::completion(&req, &s)?;
     let (claim, cached) = match before(&s, &caller, &headers, &req, &spec).await? {
         Before::Answer(resp) => return Ok(resp),
         Before::Run { claim, cached } => (claim, cached),
     };
-    let prompt = s.tokenizer.encode(&text);
+    let tokens = local_may_serve(&s, &req.model).then(|| s.tokenizer.encode(&text));
+    let job = Job {
+        endpoint: Endpoint::Completions,
+        model: req.model.clone(),
+        text,
+        tokens,
+        body: body_of(&req)?,
+        spec: spec.clone(),
+    };
     let id = response_id("cmpl");
-    let started = start(&s, &headers, &caller, (&id, &rid.0), prompt, &spec).await?;
+    let (started, attempts) = dispatch::start(&s, &headers, &caller, (&id, &rid.0), job).await?;
+    let model = attempts.model().to_owned();
     if spec.stream {
         return Ok(streamed(
-            &s,
-            (Kind::Text, &id),
+            (Kind::Text, &id, model),
             &spec,
             started,
             claim,
             &cached,
         ));
     }
-    let (text, finish_reason, usage, rate) = collect(started).await?;
+    let c = attempts.collect(started).await?;
     let body = Completion {
         id: id.clone(),
         object: "text_completion".into(),
         created: stream::unix_now(),
-        model: s.model.clone(),
+        model,
         choices: vec![CompletionChoice {
             index: 0,
-            text,
-            finish_reason: Some(finish_reason.into()),
+            text: c.text,
+            finish_reason: Some(c.finish_reason.into()),
             logprobs: None,
         }],
-        usage: Some(usage),
+        usage: Some(c.usage),
     };
     let resp = respond(&s, &body, claim, &cached).await?;
-    Ok(decorate(resp, rate.as_ref()))
+    Ok(decorate(resp, c.rate.as_ref(), c.worker.as_deref()))
 }
 
 /// What is decided before a request runs: answer at once (an idempotent replay, a cache
@@ -400,23 +306,23 @@ async fn before<T: serde::Serialize>(
 
 /// The SSE response of a started request.
 fn streamed(
-    s: &AppState,
-    (kind, id): (Kind, &str),
+    (kind, id, model): (Kind, &str, String),
     spec: &Spec,
     started: Started,
     claim: Option<idempotency::Claim>,
     cached: &cache::Lookup,
 ) -> Response {
     let rate = started.out.meter().rate.clone();
+    let worker = started.worker.clone();
     let resp = stream::sse(
         kind,
         id.to_owned(),
-        s.model.clone(),
+        model,
         spec.include_usage,
         started,
         claim,
     );
-    let mut resp = decorate(resp, rate.as_ref());
+    let mut resp = decorate(resp, rate.as_ref(), worker.as_deref());
     cache::mark(&mut resp, cached);
     resp
 }

@@ -2,8 +2,10 @@ use crate::auth::{AdminKey, AuthMode};
 use crate::cache::ResponseCache;
 use crate::limits::Limiter;
 use crate::metrics::GatewayMetrics;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokenfab_engine::{Engine, Tokenizer};
+use tokenfab_fleet::Fleet;
 use tokenfab_ledger::{LedgerStore, Price};
 use tokio_util::task::TaskTracker;
 
@@ -15,8 +17,17 @@ pub struct GatewayConfig {
     /// This process's name in the ledger: a restart with the same name resolves the
     /// reservations it left open.
     pub node: String,
-    /// Price of the served model.
-    pub price: Price,
+    /// Price per model name (a model not listed is free).
+    pub prices: BTreeMap<String, Price>,
+    /// Trust `x-tokenfab-tenant` / `x-tokenfab-weight` from the caller: set on a
+    /// `tokenfab worker`, which only a gateway (that authenticated the tenant) talks to.
+    pub trust_forwarded_tenant: bool,
+}
+
+impl GatewayConfig {
+    pub fn price_of(&self, model: &str) -> Price {
+        self.prices.get(model).copied().unwrap_or_default()
+    }
 }
 
 impl Default for GatewayConfig {
@@ -24,7 +35,8 @@ impl Default for GatewayConfig {
         GatewayConfig {
             max_body_bytes: 2 << 20,
             node: "local".into(),
-            price: Price::default(),
+            prices: BTreeMap::new(),
+            trust_forwarded_tenant: false,
         }
     }
 }
@@ -32,10 +44,17 @@ impl Default for GatewayConfig {
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: Engine,
+    /// This process's engine; `None` on a gateway that only routes to remote workers.
+    pub engine: Option<Engine>,
+    /// The local model's tokenizer (on a routing-only gateway, bytes: an upper bound of
+    /// any byte-level tokenizer's count, used to size reservations).
     pub tokenizer: Arc<dyn Tokenizer>,
-    /// The name the model is served under (`model` in requests, `/v1/models`).
+    /// The name the local model is served under (`model` in requests, `/v1/models`); empty
+    /// without a local engine.
     pub model: String,
+    /// The workers behind this gateway, when it routes (`[fleet]`); `None`: every request
+    /// goes to the local engine.
+    pub fleet: Option<Arc<Fleet>>,
     pub registry: prometheus::Registry,
     pub metrics: GatewayMetrics,
     pub config: GatewayConfig,
@@ -49,4 +68,22 @@ pub struct AppState {
     /// Settlements of dropped requests; graceful shutdown waits for them.
     pub tracker: TaskTracker,
     pub cache: Arc<ResponseCache>,
+}
+
+impl AppState {
+    /// Every model name a request may ask for.
+    pub fn served(&self) -> Vec<String> {
+        match &self.fleet {
+            Some(f) => f.models(),
+            None => vec![self.model.clone()],
+        }
+    }
+
+    /// Whether `model` (as asked) is served here.
+    pub fn serves(&self, model: &str) -> bool {
+        match &self.fleet {
+            Some(f) => f.serves(model),
+            None => model == self.model,
+        }
+    }
 }

@@ -141,7 +141,7 @@ pub fn sse(
     started: Started,
     claim: Option<Claim>,
 ) -> Response {
-    let Started { out, first } = started;
+    let Started { out, first, .. } = started;
     let c = Chunker {
         kind,
         id,
@@ -199,6 +199,12 @@ pub fn sse(
             Piece::Error(e) => {
                 st.phase = Phase::Done;
                 vec![Chunker::json(&e.body())]
+            }
+            // (Not reached: a stream's first piece was text, after which a worker failure
+            // is an error.)
+            Piece::Retry(e) => {
+                st.phase = Phase::Done;
+                vec![Chunker::json(&crate::error::ApiError::from(e).body())]
             }
         };
         if let Some((_, sent)) = &mut st.claim {

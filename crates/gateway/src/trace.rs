@@ -30,6 +30,22 @@ pub fn set_parent_extractor(f: ParentFromHeaders) {
     let _ = PARENT.set(f);
 }
 
+/// Writes the W3C trace context of a span as headers for an outgoing request (a remote
+/// worker), so its spans join the request's trace. Installed with trace export.
+pub type ContextToHeaders = fn(&tracing::Span) -> Vec<(String, String)>;
+
+static INJECT: std::sync::OnceLock<ContextToHeaders> = std::sync::OnceLock::new();
+
+/// Install the outgoing `traceparent` writer (once per process).
+pub fn set_context_injector(f: ContextToHeaders) {
+    let _ = INJECT.set(f);
+}
+
+/// Trace-context headers to send with a request made on behalf of `span`.
+pub fn outgoing(span: &tracing::Span) -> Vec<(String, String)> {
+    INJECT.get().map_or_else(Vec::new, |f| f(span))
+}
+
 fn usable(v: &str) -> bool {
     (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic())
 }

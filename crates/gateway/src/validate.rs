@@ -2,6 +2,7 @@
 //! offending parameter.
 
 use crate::error::ApiError;
+use crate::state::AppState;
 use tokenfab_api::{
     ChatCompletionRequest, CompletionRequest, Extra, MessageContent, PromptSpec, SamplingFields,
 };
@@ -124,10 +125,11 @@ fn sampling(f: &SamplingFields) -> Result<Spec, ApiError> {
     })
 }
 
-fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
-    if requested == served {
+fn check_model(requested: &str, s: &AppState) -> Result<(), ApiError> {
+    if s.serves(requested) {
         return Ok(());
     }
+    let served = s.served().join("', '");
     let mut e = ApiError::new(
         tokenfab_types::ErrorCode::ModelNotFound,
         format!("The model '{requested}' does not exist. This server serves '{served}'."),
@@ -137,7 +139,10 @@ fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
 }
 
 /// A chat request → the conversation and what to generate.
-pub fn chat(req: &ChatCompletionRequest, served: &str) -> Result<(Vec<ChatTurn>, Spec), ApiError> {
+pub fn chat(
+    req: &ChatCompletionRequest,
+    served: &AppState,
+) -> Result<(Vec<ChatTurn>, Spec), ApiError> {
     check_model(&req.model, served)?;
     reject_unsupported(&req.extra)?;
     if req.messages.is_empty() {
@@ -191,7 +196,7 @@ pub fn chat(req: &ChatCompletionRequest, served: &str) -> Result<(Vec<ChatTurn>,
 
 /// A text-completion request → the prompt and what to generate. OpenAI's default
 /// `max_tokens` for completions is 16.
-pub fn completion(req: &CompletionRequest, served: &str) -> Result<(String, Spec), ApiError> {
+pub fn completion(req: &CompletionRequest, served: &AppState) -> Result<(String, Spec), ApiError> {
     check_model(&req.model, served)?;
     reject_unsupported(&req.extra)?;
     let prompt = match &req.prompt {

@@ -135,7 +135,7 @@ impl BlockPool {
 
 /// FNV-1a over little-endian bytes: deterministic across processes and platforms (the
 /// same prompt must map to the same hashes in the router, the engine and the simulator).
-fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
@@ -143,7 +143,7 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
     h
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// Chain hashes of the full blocks of `tokens`: hash *k* covers the scope and every token
 /// of blocks 0..=k, so equal hashes mean equal prefixes within the same scope.

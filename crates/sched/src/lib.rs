@@ -13,6 +13,7 @@ mod kv;
 mod plan;
 mod queue;
 mod request;
+pub mod route;
 mod scheduler;
 mod step;
 mod timing;

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     Overloaded,
     /// The engine is shutting down.
     ShuttingDown,
+    /// The worker serving the request failed (and no other could take it).
+    UpstreamFailed,
     /// A failure inside tokenfab.
     Internal,
 }
@@ -48,7 +50,9 @@ pub enum ErrorCode {
 impl ErrorCode {
     pub fn origin(self) -> ErrorOrigin {
         match self {
-            ErrorCode::Overloaded | ErrorCode::ShuttingDown => ErrorOrigin::Upstream,
+            ErrorCode::Overloaded | ErrorCode::ShuttingDown | ErrorCode::UpstreamFailed => {
+                ErrorOrigin::Upstream
+            }
             ErrorCode::Internal => ErrorOrigin::Internal,
             _ => ErrorOrigin::Client,
         }
@@ -60,6 +64,7 @@ impl ErrorCode {
             self,
             ErrorCode::Overloaded
                 | ErrorCode::ShuttingDown
+                | ErrorCode::UpstreamFailed
                 | ErrorCode::RateLimited
                 | ErrorCode::IdempotencyInFlight
         )
@@ -83,6 +88,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyInFlight => "idempotency_key_in_flight",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::UpstreamFailed => "upstream_failed",
             ErrorCode::Internal => "internal",
         }
     }

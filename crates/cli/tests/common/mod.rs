@@ -177,3 +177,48 @@ pub async fn get_json(url: &str, path: &str) -> serde_json::Value {
 pub async fn health(url: &str) -> serde_json::Value {
     get_json(url, "/health").await
 }
+
+/// A `tokenfab` child process, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Run the `tokenfab` binary with `args` (which must include `--port port`), its log in
+/// `log`, and wait until its `/health` answers.
+pub async fn spawn(args: &[&str], port: u16, log: &std::path::Path) -> Server {
+    let log = std::fs::File::create(log).expect("log file");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenfab"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn tokenfab");
+    let server = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    for _ in 0..600 {
+        if let Ok(r) = client().get(format!("{}/health", server.url)).send().await {
+            if r.status().is_success() {
+                return server;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("tokenfab {args:?} did not come up on {}", server.url);
+}

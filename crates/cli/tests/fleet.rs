@@ -1,0 +1,394 @@
+//! The fleet over real processes: a routing gateway (`serve --model none`) in front of
+//! `tokenfab worker` processes — mock accelerators, and one real llama.cpp worker.
+
+mod common;
+
+use common::{client, free_port, spawn, Server};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// A mock worker process: `linear` step-time profile, placeholder tokens, model `mock`.
+async fn mock_worker(dir: &Path, port: u16, profile: &str) -> Server {
+    let p = port.to_string();
+    let log = dir.join(format!("worker-{port}.log"));
+    spawn(&["worker", "--port", &p, "--mock", profile], port, &log).await
+}
+
+/// A routing gateway over `workers` (name, port), with `fleet` settings appended to
+/// its config file.
+async fn gateway(dir: &Path, workers: &[(&str, u16)], fleet: &str) -> Server {
+    let mut toml =
+        format!("[model]\nname = \"none\"\n[gateway]\nledger = \"memory\"\n[fleet]\n{fleet}\n");
+    for (name, port) in workers {
+        toml.push_str(&format!(
+            "[[fleet.workers]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}\"\nmodels = [\"mock\"]\n"
+        ));
+    }
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, toml).expect("config");
+    let port = free_port();
+    let (p, c) = (port.to_string(), config.display().to_string());
+    spawn(
+        &["serve", "--port", &p, "--config", &c],
+        port,
+        &dir.join("gateway.log"),
+    )
+    .await
+}
+
+fn body(content: &str, max_tokens: u64, stream: bool) -> Value {
+    json!({
+        "model": "mock",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}
+
+/// One request's result: status, serving worker, and the body (JSON) or the SSE payloads.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    worker: String,
+    json: Value,
+    events: Vec<String>,
+}
+
+async fn ask(url: &str, body: &Value) -> Reply {
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    let worker = r
+        .headers()
+        .get("x-tokenfab-worker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let text = r.text().await.unwrap_or_default();
+    let (json, events) = if stream && status == 200 {
+        let events = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_owned)
+            .collect();
+        (Value::Null, events)
+    } else {
+        (
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+            Vec::new(),
+        )
+    };
+    Reply {
+        status,
+        worker,
+        json,
+        events,
+    }
+}
+
+/// Value of the sample `series{labels...}` in `/metrics` (0 when absent).
+async fn sample(url: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = common::scrape(url).await;
+    text.lines()
+        .filter(|l| l.starts_with(series) && !l.starts_with('#'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn worker_status(url: &str, name: &str) -> String {
+    let health: Value = client()
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    health["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["name"] == name))
+        .and_then(|w| w["status"].as_str())
+        .unwrap_or("missing")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_under_load_is_ejected_its_requests_end_correctly_and_it_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = [free_port(), free_port(), free_port()];
+    // 20 ms per step: 30 tokens take ~0.6 s, so the kill lands mid-generation.
+    let mut w0 = mock_worker(dir.path(), ports[0], "linear:20:10").await;
+    let _w1 = mock_worker(dir.path(), ports[1], "linear:20:10").await;
+    let _w2 = mock_worker(dir.path(), ports[2], "linear:20:10").await;
+    let named = [("w0", ports[0]), ("w1", ports[1]), ("w2", ports[2])];
+    let gw = gateway(
+        dir.path(),
+        &named,
+        "default_policy = \"round-robin\"\nhealth_interval_ms = 200\neject_base_ms = 500\neject_max_ms = 2000",
+    )
+    .await;
+
+    // 12 requests, alternately streamed and not, started 10 ms apart: round-robin gives
+    // w0 requests 0, 3, 6, 9 — two streams and two whole responses.
+    let mut tasks = Vec::new();
+    for i in 0..12u64 {
+        let url = gw.url.clone();
+        let stream = i % 2 == 0;
+        tasks.push(tokio::spawn(async move {
+            let r = ask(&url, &body(&format!("request {i}"), 30, stream)).await;
+            (stream, r)
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let _ = w0.child.kill(); // SIGKILL
+    let _ = w0.child.wait();
+
+    let mut streams_cut = 0;
+    for t in tasks {
+        let (stream, r) = t.await.expect("task");
+        assert_eq!(r.status, 200, "{r:?}");
+        if !stream {
+            // Nothing had reached the client: it ran again elsewhere, whole.
+            assert_ne!(
+                r.worker, "w0",
+                "a whole response comes from a live worker: {r:?}"
+            );
+            assert_eq!(r.json["usage"]["completion_tokens"], 30, "{r:?}");
+            assert_eq!(r.json["choices"][0]["finish_reason"], "length");
+            continue;
+        }
+        let last = r.events.last().cloned().unwrap_or_default();
+        if r.worker == "w0" {
+            // Cut mid-way: an error event, never a normal end.
+            streams_cut += 1;
+            assert!(
+                last.contains("\"error\""),
+                "cut stream must end with an error event: {r:?}"
+            );
+            assert!(!r.events.iter().any(|e| e == "[DONE]"), "{r:?}");
+            assert!(
+                !r.events
+                    .iter()
+                    .any(|e| e.contains("\"finish_reason\":\"stop\"")
+                        || e.contains("\"finish_reason\":\"length\"")),
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(last, "[DONE]", "{r:?}");
+        }
+    }
+    assert!(streams_cut >= 1, "round-robin put streams on w0");
+    assert!(
+        sample(&gw.url, "tokenfab_fleet_retries_total", &[]).await >= 1.0,
+        "whole responses cut on w0 were retried"
+    );
+
+    // Ejected: the health check fails and no request goes there.
+    for _ in 0..50 {
+        if worker_status(&gw.url, "w0").await == "ejected" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(worker_status(&gw.url, "w0").await, "ejected");
+    assert!(
+        sample(
+            &gw.url,
+            "tokenfab_fleet_ejections_total",
+            &[("worker", "w0")]
+        )
+        .await
+            >= 1.0
+    );
+    assert_eq!(
+        sample(&gw.url, "tokenfab_fleet_worker_up", &[("worker", "w0")]).await,
+        0.0
+    );
+    for i in 0..6 {
+        let r = ask(&gw.url, &body(&format!("after {i}"), 3, false)).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_ne!(r.worker, "w0");
+    }
+
+    // Back on the same port: readmitted once checks pass and the backoff ran out.
+    let _w0 = mock_worker(dir.path(), ports[0], "linear:20:10").await;
+    let mut back = false;
+    for _ in 0..100 {
+        if worker_status(&gw.url, "w0").await == "ok" {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "w0 readmitted after it returned");
+    let mut served_by_w0 = 0;
+    for i in 0..6 {
+        let r = ask(&gw.url, &body(&format!("again {i}"), 3, false)).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        served_by_w0 += u32::from(r.worker == "w0");
+    }
+    assert!(served_by_w0 >= 1, "round-robin reaches w0 again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_sharing_a_prefix_stay_on_one_worker_while_load_stays_balanced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = [free_port(), free_port(), free_port()];
+    let mut workers = Vec::new();
+    for p in ports {
+        workers.push(mock_worker(dir.path(), p, "linear:2:100").await);
+    }
+    let named = [("w0", ports[0]), ("w1", ports[1]), ("w2", ports[2])];
+    let gw = gateway(dir.path(), &named, "default_policy = \"prefix-load\"").await;
+
+    // 8 groups, each with its own ~2 KB system prompt; 12 requests per group, interleaved,
+    // 8 in flight at a time.
+    const GROUPS: usize = 8;
+    const PER_GROUP: usize = 12;
+    let system = |g: usize| -> String {
+        (0..200)
+            .map(|i| format!("g{g}w{}", (i * 7919 + g * 104_729) % 10_007))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let queue: Vec<(usize, usize)> = (0..PER_GROUP)
+        .flat_map(|i| (0..GROUPS).map(move |g| (g, i)))
+        .collect();
+    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(queue.into_iter()));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (queue, url) = (queue.clone(), gw.url.clone());
+        let prompts: Vec<String> = (0..GROUPS).map(system).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let next = queue.lock().await.next();
+                let Some((g, i)) = next else { break };
+                let b = json!({
+                    "model": "mock",
+                    "messages": [
+                        {"role": "system", "content": prompts[g]},
+                        {"role": "user", "content": format!("question {i}")},
+                    ],
+                    "max_tokens": 4,
+                });
+                let r = ask(&url, &b).await;
+                assert_eq!(r.status, 200, "{r:?}");
+                seen.push((g, r.worker));
+            }
+            seen
+        }));
+    }
+    let mut by_group: HashMap<usize, HashMap<String, usize>> = HashMap::new();
+    let mut by_worker: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        for (g, w) in t.await.expect("task") {
+            *by_group.entry(g).or_default().entry(w.clone()).or_default() += 1;
+            *by_worker.entry(w).or_default() += 1;
+        }
+    }
+    let mut same = 0;
+    for counts in by_group.values() {
+        same += counts.values().max().copied().unwrap_or(0);
+    }
+    let total = GROUPS * PER_GROUP;
+    let share = same as f64 / total as f64;
+    eprintln!("on the group's usual worker: {share:.3}; per worker: {by_worker:?}");
+    assert!(
+        share >= 0.9,
+        "requests on their group's usual worker: {share:.2} ({by_group:?})"
+    );
+    let mean = total as f64 / 3.0;
+    let max = by_worker.values().copied().max().unwrap_or(0) as f64;
+    assert_eq!(by_worker.len(), 3, "every worker used: {by_worker:?}");
+    assert!(
+        max <= 1.5 * mean,
+        "load per worker {by_worker:?} (mean {mean:.1})"
+    );
+    // The workers' own prefix caches confirm it: most prompt tokens were hits.
+    let (mut hits, mut queries) = (0.0, 0.0);
+    for w in &workers {
+        hits += sample(&w.url, "vllm:prefix_cache_hits_total", &[]).await;
+        queries += sample(&w.url, "vllm:prefix_cache_queries_total", &[]).await;
+    }
+    assert!(
+        hits >= 0.7 * queries,
+        "workers' prefix-cache hit rate {:.2}",
+        hits / queries.max(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_real_llama_worker_behind_the_gateway_answers_like_the_in_process_engine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::model(); // pulled into the cache before the child looks for it
+    let wport = free_port();
+    let wp = wport.to_string();
+    let _worker = spawn(
+        &[
+            "worker",
+            "--port",
+            &wp,
+            "--kv-tokens",
+            "4096",
+            "--slots",
+            "8",
+            "--threads",
+            "2",
+        ],
+        wport,
+        &dir.path().join("llama-worker.log"),
+    )
+    .await;
+    // No `models`: the gateway asks the worker's /v1/models.
+    let gport = free_port();
+    let (gp, wurl) = (gport.to_string(), format!("http://127.0.0.1:{wport}"));
+    let gw = spawn(
+        &[
+            "serve", "--model", "none", "--port", &gp, "--ledger", "memory", "--worker", &wurl,
+        ],
+        gport,
+        &dir.path().join("llama-gateway.log"),
+    )
+    .await;
+    let local = common::serve(common::config()).await;
+    for q in ["Name three colours.", "What is the capital of France?"] {
+        let b = common::chat_body(q, json!({"temperature": 0, "max_tokens": 24, "seed": 7}));
+        let via_fleet = ask(&gw.url, &b).await;
+        let (status, direct) = common::post(&local, "/v1/chat/completions", &b).await;
+        assert_eq!(
+            (via_fleet.status, status),
+            (200, 200),
+            "{via_fleet:?} {direct}"
+        );
+        assert_eq!(via_fleet.worker, format!("127.0.0.1:{wport}"));
+        let text = |v: &Value| {
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        assert!(text(&direct).is_some_and(|t| !t.is_empty()));
+        assert_eq!(
+            text(&via_fleet.json),
+            text(&direct),
+            "same output through the fleet"
+        );
+        assert_eq!(
+            via_fleet.json["usage"], direct["usage"],
+            "usage as the worker counted it"
+        );
+    }
+}

@@ -1,0 +1,538 @@
+//! Worker choice for the fleet: which worker serves a request soonest (and cheapest).
+//!
+//! Pure like the rest of the core: the host (the fleet router, or the simulator) passes a
+//! snapshot of each candidate's load and the request's prefix block hashes; [`Router`]
+//! returns the choice with every candidate's score, so a decision can be explained
+//! (`x-tokenfab-worker`, a debug log line). The only state kept here is what a policy
+//! needs to remember between requests: the round-robin cursor and, per worker, an LRU
+//! estimate of which prefix blocks it holds — built from what the router sent it, since
+//! remote servers do not report their caches.
+
+use crate::kv::fnv1a;
+use std::collections::{BTreeMap, HashMap};
+use tokenfab_types::Nanos;
+
+/// How a model's requests are spread over its workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Each eligible worker in turn.
+    RoundRobin,
+    /// The worker with the fewest outstanding tokens (prompt + remaining output).
+    LeastTokens,
+    /// tokenfab's policy: predicted TTFT = queue wait + uncached prefill on that worker,
+    /// from its estimated prefix overlap and load; the cheapest worker within the SLO, or
+    /// the soonest when none is.
+    PrefixLoad,
+    /// NVIDIA Dynamo's KV router cost (`kv_router` scheduler, default weights):
+    /// `prefill_load_scale × uncached prompt blocks + decode blocks`, minimum wins,
+    /// with `prefill_load_scale = 1`.
+    DynamoKv,
+    /// llm-d's inference scheduler default profile: weighted scorers prefix-cache :
+    /// queue : kv-cache-utilization = 2 : 2 : 1, each normalised to [0, 1], maximum wins.
+    LlmdWeighted,
+    /// SGLang router's cache-aware policy: when load is imbalanced (max − min outstanding
+    /// requests > 32 and max > 1.5 × min) take the least loaded worker; else the worker
+    /// with the longest prefix match if it covers > 50 % of the prompt; else the worker
+    /// whose cache is smallest.
+    SglangCacheAware,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 6] = [
+        Policy::RoundRobin,
+        Policy::LeastTokens,
+        Policy::PrefixLoad,
+        Policy::DynamoKv,
+        Policy::LlmdWeighted,
+        Policy::SglangCacheAware,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastTokens => "least-tokens",
+            Policy::PrefixLoad => "prefix-load",
+            Policy::DynamoKv => "dynamo-kv",
+            Policy::LlmdWeighted => "llmd-weighted",
+            Policy::SglangCacheAware => "sglang-cache-aware",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// One candidate's state as the host sees it now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerLoad {
+    /// Stable identity (survives re-discovery); keys the prefix estimate.
+    pub id: u64,
+    /// Requests sent and not yet finished.
+    pub outstanding_requests: u32,
+    /// Prompt tokens of requests that have not produced a first token yet.
+    pub queued_prefill_tokens: u64,
+    /// Output tokens still to come, at most, for requests under way.
+    pub outstanding_decode_tokens: u64,
+    /// KV cache in use, per mille (from the worker's own report; 0 when unknown).
+    pub kv_permille: u32,
+    /// Prefill cost on this worker's accelerator, ns per prompt token.
+    pub prefill_ns_per_token: u64,
+    /// Extra step time per running sequence, ns (decodes slow prefill steps down).
+    pub decode_ns_per_seq: u64,
+    /// Price of the worker, nano-USD per hour (0: free, e.g. the local CPU).
+    pub price_nano_usd_per_hour: u64,
+}
+
+/// The request being placed.
+#[derive(Clone, Debug, Default)]
+pub struct RouteRequest<'a> {
+    /// Chain hashes of the prompt's blocks (see [`text_block_hashes`]).
+    pub blocks: &'a [u64],
+    /// Prompt length in tokens (an estimate is fine).
+    pub prompt_tokens: u64,
+    pub max_tokens: u64,
+    /// A session key (hashed): the same session goes to the same worker while it is
+    /// eligible.
+    pub session: Option<u64>,
+    /// Time-to-first-token target.
+    pub ttft_slo: Option<Nanos>,
+}
+
+/// One candidate's score, for explanations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Score {
+    pub id: u64,
+    /// Prompt blocks this worker is estimated to hold already.
+    pub cached_blocks: u32,
+    /// Prompt tokens it would still have to compute (the prompt's share not covered by
+    /// those blocks).
+    pub uncached_tokens: u64,
+    pub predicted_ttft: Nanos,
+    /// The policy's own figure (lower is better), comparable within one decision.
+    pub cost: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Index into the candidates passed to [`Router::route`].
+    pub chosen: usize,
+    /// Why: `session`, `policy` or `slo`.
+    pub reason: &'static str,
+    pub scores: Vec<Score>,
+}
+
+/// What the router remembers between requests.
+#[derive(Debug)]
+pub struct Router {
+    policy: Policy,
+    cursor: u64,
+    prefixes: HashMap<u64, PrefixEstimate>,
+    block_capacity: usize,
+    block_tokens: u64,
+}
+
+impl Router {
+    /// `block_capacity`: prefix blocks remembered per worker (oldest forgotten first);
+    /// `block_tokens`: tokens one block stands for.
+    pub fn new(policy: Policy, block_capacity: usize, block_tokens: u64) -> Router {
+        Router {
+            policy,
+            cursor: 0,
+            prefixes: HashMap::new(),
+            block_capacity: block_capacity.max(1),
+            block_tokens: block_tokens.max(1),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Choose among `candidates` (all eligible: healthy, serving the model, of the
+    /// tier being tried). `None` only when there are none.
+    pub fn route(&mut self, req: &RouteRequest<'_>, candidates: &[WorkerLoad]) -> Option<Decision> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let mut scores: Vec<Score> = candidates.iter().map(|w| self.score(req, w)).collect();
+        if let Some(session) = req.session {
+            // Rendezvous hashing: a session keeps its worker while that worker stays
+            // eligible, and only its sessions move when it leaves.
+            let chosen = (0..candidates.len())
+                .max_by_key(|&i| fnv1a(session, &candidates[i].id.to_le_bytes()))?;
+            return Some(Decision {
+                chosen,
+                reason: "session",
+                scores,
+            });
+        }
+        let (chosen, reason) = match self.policy {
+            Policy::RoundRobin => {
+                let i = (self.cursor % candidates.len() as u64) as usize;
+                self.cursor = self.cursor.wrapping_add(1);
+                (i, "policy")
+            }
+            Policy::PrefixLoad => pick_within_slo(req, candidates, &scores),
+            Policy::SglangCacheAware => {
+                let sizes: Vec<usize> = candidates
+                    .iter()
+                    .map(|w| self.prefixes.get(&w.id).map_or(0, PrefixEstimate::len))
+                    .collect();
+                sglang_costs(req, candidates, &mut scores, &sizes);
+                (argmin(&scores, |s| s.cost), "policy")
+            }
+            _ => (argmin(&scores, |s| s.cost), "policy"),
+        };
+        Some(Decision {
+            chosen,
+            reason,
+            scores,
+        })
+    }
+
+    /// The request went to worker `id`: it will hold these blocks.
+    pub fn record_sent(&mut self, id: u64, blocks: &[u64]) {
+        let cap = self.block_capacity;
+        self.prefixes
+            .entry(id)
+            .or_insert_with(|| PrefixEstimate::new(cap))
+            .touch(blocks);
+    }
+
+    /// Forget a worker (it left the fleet, or restarted with an empty cache).
+    pub fn forget(&mut self, id: u64) {
+        self.prefixes.remove(&id);
+    }
+
+    fn score(&self, req: &RouteRequest<'_>, w: &WorkerLoad) -> Score {
+        let est = self.prefixes.get(&w.id);
+        let cached_blocks = est.map_or(0, |p| p.matched(req.blocks));
+        // The covered share of the prompt, in whatever unit the host counts it.
+        let cached_tokens = match req.blocks.len() as u64 {
+            0 => 0,
+            n => req.prompt_tokens * u64::from(cached_blocks) / n,
+        };
+        let uncached = req.prompt_tokens - cached_tokens.min(req.prompt_tokens);
+        let predicted_ttft = Nanos(
+            (w.queued_prefill_tokens + uncached).saturating_mul(w.prefill_ns_per_token)
+                + u64::from(w.outstanding_requests).saturating_mul(w.decode_ns_per_seq),
+        );
+        let blocks = |t: u64| t.div_ceil(self.block_tokens);
+        let cost = match self.policy {
+            Policy::RoundRobin | Policy::PrefixLoad => to_i64(predicted_ttft.0),
+            Policy::LeastTokens => {
+                to_i64(w.queued_prefill_tokens + w.outstanding_decode_tokens + req.prompt_tokens)
+            }
+            Policy::DynamoKv => to_i64(blocks(uncached) + blocks(w.outstanding_decode_tokens)),
+            Policy::LlmdWeighted => {
+                // Scores in per mille; negated so that lower is better like the others.
+                let prefix = if req.blocks.is_empty() {
+                    0
+                } else {
+                    u64::from(cached_blocks) * 1000 / req.blocks.len() as u64
+                };
+                let queue = 1000 / (1 + u64::from(w.outstanding_requests));
+                let kv = 1000 - u64::from(w.kv_permille.min(1000));
+                -to_i64(2 * prefix + 2 * queue + kv)
+            }
+            Policy::SglangCacheAware => 0, // decided over all candidates below
+        };
+        Score {
+            id: w.id,
+            cached_blocks,
+            uncached_tokens: uncached,
+            predicted_ttft,
+            cost,
+        }
+    }
+}
+
+/// SGLang's cascade compares candidates with each other, so its costs are set here,
+/// over all of them at once.
+fn sglang_costs(
+    req: &RouteRequest<'_>,
+    candidates: &[WorkerLoad],
+    scores: &mut [Score],
+    sizes: &[usize],
+) {
+    let loads: Vec<u32> = candidates.iter().map(|w| w.outstanding_requests).collect();
+    let (min, max) = (
+        loads.iter().copied().min().unwrap_or(0),
+        loads.iter().copied().max().unwrap_or(0),
+    );
+    let imbalanced = max - min > 32 && u64::from(max) * 2 > u64::from(min) * 3;
+    let best_match = scores.iter().map(|s| s.cached_blocks).max().unwrap_or(0);
+    let match_rate_ok =
+        !req.blocks.is_empty() && u64::from(best_match) * 2 > req.blocks.len() as u64;
+    for (i, s) in scores.iter_mut().enumerate() {
+        s.cost = if imbalanced {
+            i64::from(loads[i])
+        } else if match_rate_ok {
+            -i64::from(s.cached_blocks)
+        } else {
+            to_i64(sizes[i] as u64)
+        };
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Index of the lowest `key`; ties go to the earliest candidate.
+fn argmin(scores: &[Score], key: impl Fn(&Score) -> i64) -> usize {
+    let mut best = 0;
+    for (i, s) in scores.iter().enumerate() {
+        if key(s) < key(&scores[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// How much later than the soonest worker a worker holding more of the prompt may be
+/// predicted to answer and still be preferred: staying with the cache keeps the prefix on
+/// one worker (no second copy taking KV elsewhere, later requests hit it too), so
+/// near-ties go to the cache instead of splitting a group between workers.
+const AFFINITY_SLACK_PCT: u64 = 50;
+const AFFINITY_SLACK_NS: u64 = 50_000_000;
+
+/// With a TTFT target: among workers predicted to meet it, the cheapest, then the one
+/// holding most of the prompt, then the soonest. Otherwise (or when none meets it): among
+/// workers predicted within the affinity slack of the soonest, the one holding most of
+/// the prompt, then the cheapest, then the soonest.
+fn pick_within_slo(req: &RouteRequest<'_>, c: &[WorkerLoad], s: &[Score]) -> (usize, &'static str) {
+    if let Some(slo) = req.ttft_slo {
+        let within = (0..c.len())
+            .filter(|&i| s[i].predicted_ttft <= slo)
+            .min_by_key(|&i| {
+                (
+                    c[i].price_nano_usd_per_hour,
+                    std::cmp::Reverse(s[i].cached_blocks),
+                    s[i].predicted_ttft,
+                )
+            });
+        if let Some(i) = within {
+            return (i, "slo");
+        }
+    }
+    let best = s.iter().map(|x| x.predicted_ttft.0).min().unwrap_or(0);
+    let limit = best + best * AFFINITY_SLACK_PCT / 100 + AFFINITY_SLACK_NS;
+    let chosen = (0..c.len())
+        .filter(|&i| s[i].predicted_ttft.0 <= limit)
+        .min_by_key(|&i| {
+            (
+                std::cmp::Reverse(s[i].cached_blocks),
+                c[i].price_nano_usd_per_hour,
+                s[i].predicted_ttft,
+            )
+        })
+        .unwrap_or(0);
+    (chosen, "policy")
+}
+
+/// Which prompt blocks one worker is estimated to hold: the blocks of requests sent to it,
+/// least recently sent forgotten first once `capacity` is reached (its cache evicts too).
+#[derive(Debug)]
+struct PrefixEstimate {
+    capacity: usize,
+    tick: u64,
+    last: HashMap<u64, u64>,
+    by_age: BTreeMap<u64, u64>,
+}
+
+impl PrefixEstimate {
+    fn new(capacity: usize) -> Self {
+        PrefixEstimate {
+            capacity,
+            tick: 0,
+            last: HashMap::new(),
+            by_age: BTreeMap::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// Leading blocks present (chain hashes: block i matches only if all before it do).
+    fn matched(&self, blocks: &[u64]) -> u32 {
+        blocks
+            .iter()
+            .take_while(|h| self.last.contains_key(h))
+            .count() as u32
+    }
+
+    fn touch(&mut self, blocks: &[u64]) {
+        for &h in blocks {
+            self.tick += 1;
+            if let Some(old) = self.last.insert(h, self.tick) {
+                self.by_age.remove(&old);
+            }
+            self.by_age.insert(self.tick, h);
+        }
+        while self.last.len() > self.capacity {
+            let Some((_, h)) = self.by_age.pop_first() else {
+                break;
+            };
+            self.last.remove(&h);
+        }
+    }
+}
+
+/// Chain hashes of `text` in blocks of `block_bytes` bytes, salted with `scope` (so equal
+/// prompts of different tenants never look shared). The router sees text, not tokens (a
+/// remote worker tokenizes), so its blocks are byte blocks; only full blocks are hashed.
+pub fn text_block_hashes(scope: &str, text: &[u8], block_bytes: usize) -> Vec<u64> {
+    let mut h = fnv1a(crate::kv::FNV_OFFSET, scope.as_bytes());
+    h = fnv1a(h, &[0xfe]);
+    text.chunks_exact(block_bytes.max(1))
+        .map(|b| {
+            h = fnv1a(h, b);
+            h
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: u64) -> WorkerLoad {
+        WorkerLoad {
+            id,
+            prefill_ns_per_token: 100_000,
+            decode_ns_per_seq: 1_000_000,
+            ..WorkerLoad::default()
+        }
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let mut r = Router::new(Policy::RoundRobin, 100, 16);
+        let ws = [worker(1), worker(2), worker(3)];
+        let picks: Vec<usize> = (0..6)
+            .map(|_| r.route(&RouteRequest::default(), &ws).map(|d| d.chosen))
+            .collect::<Option<_>>()
+            .expect("candidates");
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn prefix_load_prefers_the_worker_holding_the_prefix_until_its_queue_costs_more() {
+        let mut r = Router::new(Policy::PrefixLoad, 1000, 16);
+        let blocks = text_block_hashes("t", &[7u8; 64 * 40], 64);
+        r.record_sent(2, &blocks);
+        let req = RouteRequest {
+            blocks: &blocks,
+            prompt_tokens: 640,
+            max_tokens: 16,
+            ..RouteRequest::default()
+        };
+        let ws = [worker(1), worker(2)];
+        let d = r.route(&req, &ws).expect("decision");
+        assert_eq!(d.chosen, 1);
+        assert_eq!(d.scores[1].cached_blocks, 40);
+        // The holder is now far behind: recomputing elsewhere is sooner.
+        let busy = WorkerLoad {
+            queued_prefill_tokens: 5_000,
+            ..worker(2)
+        };
+        let d = r.route(&req, &[worker(1), busy]).expect("decision");
+        assert_eq!(d.chosen, 0);
+    }
+
+    #[test]
+    fn prefix_estimates_are_per_scope() {
+        let a = text_block_hashes("tenant-a", b"same prompt, sixteen bytes.....", 16);
+        let b = text_block_hashes("tenant-b", b"same prompt, sixteen bytes.....", 16);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn slo_picks_the_cheapest_worker_that_meets_it() {
+        let mut r = Router::new(Policy::PrefixLoad, 100, 16);
+        let cheap_slow = WorkerLoad {
+            price_nano_usd_per_hour: 1,
+            queued_prefill_tokens: 1_000, // 100 ms queued
+            ..worker(1)
+        };
+        let dear_fast = WorkerLoad {
+            price_nano_usd_per_hour: 9,
+            ..worker(2)
+        };
+        let req = |slo_ms| RouteRequest {
+            prompt_tokens: 100,
+            ttft_slo: Some(Nanos::from_millis(slo_ms)),
+            ..RouteRequest::default()
+        };
+        let ws = [cheap_slow, dear_fast];
+        let d = r.route(&req(500), &ws).expect("decision");
+        assert_eq!((d.chosen, d.reason), (0, "slo"));
+        let d = r.route(&req(50), &ws).expect("decision");
+        assert_eq!((d.chosen, d.reason), (1, "slo"));
+        // Nobody meets it: the soonest.
+        let d = r.route(&req(5), &ws).expect("decision");
+        assert_eq!((d.chosen, d.reason), (1, "policy"));
+    }
+
+    #[test]
+    fn a_session_stays_on_its_worker_while_it_is_eligible() {
+        let mut r = Router::new(Policy::LeastTokens, 100, 16);
+        let req = RouteRequest {
+            session: Some(42),
+            ..RouteRequest::default()
+        };
+        let all = [worker(1), worker(2), worker(3), worker(4)];
+        let first = r.route(&req, &all).expect("decision");
+        let id = all[first.chosen].id;
+        for _ in 0..5 {
+            let d = r.route(&req, &all).expect("decision");
+            assert_eq!(all[d.chosen].id, id);
+        }
+        let rest: Vec<WorkerLoad> = all.iter().filter(|w| w.id != id).cloned().collect();
+        let d = r.route(&req, &rest).expect("decision");
+        assert_ne!(rest[d.chosen].id, id);
+    }
+
+    #[test]
+    fn the_estimate_forgets_least_recent_blocks_first() {
+        let mut p = PrefixEstimate::new(3);
+        p.touch(&[1, 2, 3]);
+        p.touch(&[1]);
+        p.touch(&[4]);
+        assert_eq!(p.matched(&[1]), 1);
+        assert_eq!(p.matched(&[2]), 0, "oldest evicted");
+        assert_eq!(p.len(), 3);
+    }
+
+    #[test]
+    fn published_baselines_choose_as_documented() {
+        let blocks = text_block_hashes("t", &[1u8; 64 * 10], 64);
+        let req = RouteRequest {
+            blocks: &blocks,
+            prompt_tokens: 160,
+            ..RouteRequest::default()
+        };
+        for policy in [
+            Policy::DynamoKv,
+            Policy::LlmdWeighted,
+            Policy::SglangCacheAware,
+        ] {
+            let mut r = Router::new(policy, 100, 16);
+            r.record_sent(2, &blocks);
+            let d = r.route(&req, &[worker(1), worker(2)]).expect("decision");
+            assert_eq!(d.chosen, 1, "{policy:?} follows the cached prefix");
+        }
+        // SGLang: imbalance beats the cache.
+        let mut r = Router::new(Policy::SglangCacheAware, 100, 16);
+        r.record_sent(2, &blocks);
+        let hot = WorkerLoad {
+            outstanding_requests: 100,
+            ..worker(2)
+        };
+        let d = r.route(&req, &[worker(1), hot]).expect("decision");
+        assert_eq!(d.chosen, 0);
+    }
+}
