@@ -49,6 +49,21 @@ pub struct BenchArgs {
     headers: Vec<String>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Replay a request trace (Azure CSV, Mooncake or ShareGPT JSONL) at its own arrival
+    /// times instead of generating requests: prompts are built from the trace's prefix
+    /// blocks (equal block ids → equal text, so shared prefixes stay shared), one word
+    /// per token; `max_tokens` is the trace's output length, at most --max-tokens.
+    #[arg(long, conflicts_with_all = ["concurrency", "rate"])]
+    trace: Option<std::path::PathBuf>,
+    /// Trace replay: multiply arrival times (0.1 = ten times faster).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Trace replay: multiply prompt lengths (to fit a small model's context).
+    #[arg(long, default_value_t = 1.0)]
+    length_scale: f64,
+    /// Trace replay: only the first N requests (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -117,6 +132,8 @@ struct Report {
 struct Job {
     body: serde_json::Value,
     tag: &'static str,
+    /// Send at this offset from the start (trace replay).
+    at: Option<Duration>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -148,7 +165,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         Some(m) => m.clone(),
         None => first_model(&client, &url, &headers).await?,
     };
-    let jobs = make_jobs(&args, &model);
+    let jobs = match &args.trace {
+        Some(path) => trace_jobs(&args, path, &model)?,
+        None => make_jobs(&args, &model),
+    };
+    let requests = jobs.len();
     let pb = ProgressBar::new(jobs.len() as u64);
     if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}") {
         pb.set_style(style);
@@ -158,17 +179,18 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let samples = Arc::new(Mutex::new(Samples::default()));
     let t0 = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.unwrap_or(
-        if args.rate.is_some() {
-            usize::MAX >> 4
-        } else {
-            8
-        },
-    )));
+    // Open loop (a rate or a trace): no cap on requests in flight.
+    let open_loop = args.rate.is_some() || args.trace.is_some();
+    let sem = Arc::new(tokio::sync::Semaphore::new(
+        args.concurrency
+            .unwrap_or(if open_loop { usize::MAX >> 4 } else { 8 }),
+    ));
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x9e37);
     let mut tasks = Vec::with_capacity(jobs.len());
     for job in jobs {
-        if let Some(rate) = args.rate {
+        if let Some(at) = job.at {
+            tokio::time::sleep_until((t0 + at).into()).await;
+        } else if let Some(rate) = args.rate {
             let gap = -(1.0 - rng.gen::<f64>()).ln() / rate.max(1e-9);
             tokio::time::sleep(Duration::from_secs_f64(gap)).await;
         }
@@ -195,7 +217,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         url,
         model,
-        requests: args.requests,
+        requests,
         ok: s.e2e.len(),
         errors: s.errors.clone(),
         wall_s: (wall * 100.0).round() / 100.0,
@@ -232,9 +254,54 @@ fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
                     "temperature": a.temperature, "stream": true,
                 }),
                 tag: if long { "long" } else { "chat" },
+                at: None,
             }
         })
         .collect()
+}
+
+/// The requests of a trace, as chat requests at their arrival times.
+fn trace_jobs(a: &BenchArgs, path: &std::path::Path, model: &str) -> anyhow::Result<Vec<Job>> {
+    let mut reqs = tokenfab_sim::trace::read(path)?;
+    if a.limit > 0 {
+        reqs.truncate(a.limit);
+    }
+    tokenfab_sim::trace::scale(&mut reqs, a.time_scale, a.length_scale);
+    let block_text = |id: u64, words_in: u64| -> String {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(id ^ 0x5eed);
+        words(words_in as usize, &mut rng)
+    };
+    Ok(reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut text = String::new();
+            let mut left = r.input_tokens;
+            for &id in &r.blocks {
+                if left == 0 {
+                    break;
+                }
+                let n = left.min(r.block_tokens);
+                text.push_str(&block_text(id, n));
+                text.push(' ');
+                left -= n;
+            }
+            if left > 0 {
+                // No (more) block ids: this request's own text.
+                text.push_str(&block_text(u64::MAX - i as u64, left));
+            }
+            let max_tokens = r.output_tokens.clamp(1, u64::from(a.max_tokens));
+            Job {
+                body: serde_json::json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": text}],
+                    "max_tokens": max_tokens, "temperature": a.temperature, "stream": true,
+                }),
+                tag: "trace",
+                at: Some(Duration::from_nanos(r.arrival.0)),
+            }
+        })
+        .collect())
 }
 
 async fn first_model(

@@ -69,6 +69,12 @@ pub struct RemoteWorker {
     timeout: Duration,
 }
 
+/// A streamed answer's events, or a whole answer already split into events.
+enum Source {
+    Sse(Events),
+    Whole(std::collections::VecDeque<String>),
+}
+
 type Events = Pin<
     Box<
         dyn Stream<
@@ -84,7 +90,7 @@ type Events = Pin<
 /// the request on the worker.
 pub struct RemoteStream {
     worker: String,
-    events: Events,
+    events: Source,
     idle: Duration,
     finish: Option<String>,
     usage: Option<RemoteUsage>,
@@ -116,20 +122,26 @@ impl RemoteWorker {
         }
     }
 
-    /// Send `body` (an OpenAI request; it is made a stream with usage) with `headers`
-    /// forwarded, and wait for the response head.
+    /// Send `body` (an OpenAI request) with `headers` forwarded and wait for the response
+    /// head. `stream`: ask for a stream with usage (text goes out as it comes); else ask
+    /// for the whole answer (cheaper for both sides when the client waits for all of it).
     pub async fn send(
         &self,
         endpoint: Endpoint,
         mut body: serde_json::Value,
         headers: &[(String, String)],
+        stream: bool,
     ) -> Result<RemoteStream, WorkerError> {
         if let Some(obj) = body.as_object_mut() {
-            obj.insert("stream".into(), true.into());
-            obj.insert(
-                "stream_options".into(),
-                serde_json::json!({ "include_usage": true }),
-            );
+            obj.insert("stream".into(), stream.into());
+            if stream {
+                obj.insert(
+                    "stream_options".into(),
+                    serde_json::json!({ "include_usage": true }),
+                );
+            } else {
+                obj.remove("stream_options");
+            }
             if !self.spec.upstream_model.is_empty() {
                 obj.insert("model".into(), self.spec.upstream_model.clone().into());
             }
@@ -158,9 +170,22 @@ impl RemoteWorker {
             let text = resp.text().await.unwrap_or_default();
             return Err(self.error(failure, Some(code), upstream_message(&text, code)));
         }
+        let events = if stream {
+            Source::Sse(Box::pin(resp.bytes_stream().eventsource()))
+        } else {
+            // The whole answer is one event in the chunk format's shape.
+            let text = match tokio::time::timeout(self.timeout, resp.text()).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return Err(self.error(Failure::Broken, None, e.to_string())),
+                Err(_) => {
+                    return Err(self.error(Failure::Broken, None, "no answer in time".into()))
+                }
+            };
+            Source::Whole([text, "[DONE]".to_owned()].into())
+        };
         Ok(RemoteStream {
             worker: self.name.clone(),
-            events: Box::pin(resp.bytes_stream().eventsource()),
+            events,
             idle: self.timeout,
             finish: None,
             usage: None,
@@ -249,7 +274,16 @@ impl RemoteStream {
     /// The next event; `None` after `Done` or an error.
     pub async fn next(&mut self) -> Option<Result<RemoteEvent, WorkerError>> {
         while !self.done {
-            let ev = match tokio::time::timeout(self.idle, self.events.next()).await {
+            let next = match &mut self.events {
+                Source::Sse(events) => tokio::time::timeout(self.idle, events.next()).await,
+                Source::Whole(queue) => Ok(queue.pop_front().map(|data| {
+                    Ok(eventsource_stream::Event {
+                        data,
+                        ..Default::default()
+                    })
+                })),
+            };
+            let ev = match next {
                 Err(_) => Err(self.broken("the stream stalled".into())),
                 Ok(None) if self.finish.is_some() => Ok(None),
                 Ok(None) => Err(self.broken("the stream ended before the generation did".into())),
@@ -320,6 +354,7 @@ impl RemoteStream {
         }
         let text = choice
             .pointer("/delta/content")
+            .or_else(|| choice.pointer("/message/content"))
             .or_else(|| choice.get("text"))
             .and_then(serde_json::Value::as_str)
             .filter(|t| !t.is_empty());

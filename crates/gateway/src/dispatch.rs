@@ -215,7 +215,8 @@ impl Attempts<'_> {
                         // A hosted API learns nothing about our tenants.
                         &r.forward[..1]
                     };
-                    match w.send(r.job.endpoint, body, headers).await {
+                    let stream = r.job.spec.stream;
+                    match w.send(r.job.endpoint, body, headers, stream).await {
                         Ok(stream) => TextOutput::remote(
                             stream,
                             r.job.spec.stop.clone(),
