@@ -392,3 +392,236 @@ async fn a_real_llama_worker_behind_the_gateway_answers_like_the_in_process_engi
         );
     }
 }
+
+/// A stand-in for Anthropic's hosted Messages API (no internet here): it checks the
+/// translated request and answers as the real API does, whole or as its event stream.
+async fn messages_api() -> String {
+    use axum::response::IntoResponse;
+    async fn messages(
+        headers: axum::http::HeaderMap,
+        axum::Json(req): axum::Json<Value>,
+    ) -> axum::response::Response {
+        let ok = headers.get("x-api-key").is_some_and(|v| v == "sk-test")
+            && headers.contains_key("anthropic-version")
+            && req["model"] == "claude-test"
+            && req["system"] == "Be brief."
+            && req["messages"][0]["role"] == "user"
+            && req["max_tokens"].is_u64();
+        if !ok {
+            let body = json!({"type": "error", "error": {"type": "invalid_request_error", "message": format!("bad translation: {req}")}});
+            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+        }
+        let usage_in = json!({"input_tokens": 12, "cache_read_input_tokens": 3});
+        if req["stream"] == true {
+            let events = [
+                (
+                    "message_start",
+                    json!({"type": "message_start", "message": {"id": "msg_1", "usage": usage_in}}),
+                ),
+                (
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                ),
+                ("ping", json!({"type": "ping"})),
+                (
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Bonjour"}}),
+                ),
+                (
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " le monde"}}),
+                ),
+                (
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ),
+                (
+                    "message_delta",
+                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}),
+                ),
+                ("message_stop", json!({"type": "message_stop"})),
+            ];
+            let body: String = events
+                .iter()
+                .map(|(e, d)| format!("event: {e}\ndata: {d}\n\n"))
+                .collect();
+            return ([("content-type", "text/event-stream")], body).into_response();
+        }
+        axum::Json(json!({
+            "id": "msg_1", "type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": "Bonjour le monde"}],
+            "stop_reason": "max_tokens", "usage": {"input_tokens": 12, "cache_read_input_tokens": 3, "output_tokens": 3},
+        }))
+        .into_response()
+    }
+    let app = axum::Router::new().route("/v1/messages", axum::routing::post(messages));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+/// An in-process mock worker (as `tokenfab worker --mock`).
+async fn mock_worker_here() -> String {
+    let mut cfg = common::config();
+    cfg.model.mock = "linear:1:10".into();
+    cfg.worker = true;
+    common::serve_mock(cfg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tiers_aliases_sessions_and_a_translated_anthropic_tier() {
+    use tokenfab_fleet::{AliasSpec, WorkerSpec};
+    let (live, s1, s2, claude) = (
+        mock_worker_here().await,
+        mock_worker_here().await,
+        mock_worker_here().await,
+        messages_api().await,
+    );
+    let remote = |name: &str, url: String, model: &str, tier: u8| WorkerSpec {
+        name: name.into(),
+        url,
+        models: vec![model.into()],
+        upstream_model: "mock".into(),
+        tier,
+        ..WorkerSpec::default()
+    };
+    let mut cfg = common::config();
+    cfg.model.mock = "linear:1:10".into(); // the gateway's own engine: member "local"
+    cfg.fleet.eject_after_failures = 2;
+    cfg.fleet.workers = vec![
+        remote(
+            "dead",
+            format!("http://127.0.0.1:{}", free_port()),
+            "big",
+            0,
+        ),
+        remote("live", live, "big", 1),
+        remote("s1", s1, "pool", 0),
+        remote("s2", s2, "pool", 0),
+        WorkerSpec {
+            name: "claude".into(),
+            url: claude,
+            models: vec!["claude".into()],
+            upstream_model: "claude-test".into(),
+            api: "anthropic".into(),
+            api_key: "sk-test".into(),
+            health_check: false,
+            ..WorkerSpec::default()
+        },
+    ];
+    cfg.fleet.aliases = vec![AliasSpec {
+        name: "auto".into(),
+        small: "mock".into(),
+        large: "big".into(),
+        small_max_prompt_tokens: 200,
+        small_max_tokens: 64,
+    }];
+    let gw = common::serve_mock(cfg).await;
+    let chat = |model: &str, max_tokens: u64, stream: bool| {
+        json!({"model": model, "max_tokens": max_tokens, "stream": stream,
+               "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]})
+    };
+
+    let models: Value = client()
+        .get(format!("{gw}/v1/models"))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    let mut ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["auto", "big", "claude", "mock", "pool"]);
+
+    // Tier 0 for `big` is down: its requests fail over to tier 1, and it gets ejected.
+    for _ in 0..3 {
+        let r = ask(&gw, &chat("big", 4, false)).await;
+        assert_eq!((r.status, r.worker.as_str()), (200, "live"), "{r:?}");
+        assert_eq!(r.json["model"], "big");
+    }
+    assert_eq!(worker_status(&gw, "dead").await, "ejected");
+
+    // The alias: small requests stay on the local engine, big ones go to the pool.
+    let r = ask(&gw, &chat("auto", 8, false)).await;
+    assert_eq!((r.status, r.worker.as_str()), (200, "local"), "{r:?}");
+    assert_eq!(r.json["model"], "mock");
+    let r = ask(&gw, &chat("auto", 500, false)).await;
+    assert_eq!((r.status, r.worker.as_str()), (200, "live"), "{r:?}");
+    assert_eq!(r.json["model"], "big");
+
+    // Sessions keep their worker.
+    let mut used = std::collections::BTreeSet::new();
+    for session in 0..16 {
+        let sid = format!("session-{session}");
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..3 {
+            let resp = common::call(
+                &gw,
+                None,
+                &chat("pool", 2, false),
+                &[("x-session-id", &sid)],
+            )
+            .await;
+            assert_eq!(resp.status(), 200);
+            let w = resp.headers()["x-tokenfab-worker"]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            seen.insert(w);
+        }
+        assert_eq!(seen.len(), 1, "session {sid} moved: {seen:?}");
+        used.extend(seen);
+    }
+    assert_eq!(used.len(), 2, "sessions spread over both workers: {used:?}");
+
+    // Anthropic's Messages API, whole and streamed, translated both ways.
+    let r = ask(&gw, &chat("claude", 16, false)).await;
+    assert_eq!((r.status, r.worker.as_str()), (200, "claude"), "{r:?}");
+    assert_eq!(
+        r.json["choices"][0]["message"]["content"],
+        "Bonjour le monde"
+    );
+    assert_eq!(r.json["choices"][0]["finish_reason"], "length");
+    assert_eq!(r.json["usage"]["prompt_tokens"], 15);
+    assert_eq!(r.json["usage"]["prompt_tokens_details"]["cached_tokens"], 3);
+    assert_eq!(r.json["usage"]["completion_tokens"], 3);
+    let mut body = chat("claude", 16, true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = ask(&gw, &body).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let text: String = r
+        .events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "Bonjour le monde");
+    assert!(
+        r.events
+            .iter()
+            .any(|e| e.contains("\"finish_reason\":\"stop\"")),
+        "{r:?}"
+    );
+    assert!(
+        r.events
+            .iter()
+            .any(|e| e.contains("\"completion_tokens\":3")),
+        "{r:?}"
+    );
+    assert_eq!(r.events.last().map(String::as_str), Some("[DONE]"));
+}

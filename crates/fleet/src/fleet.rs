@@ -199,6 +199,13 @@ impl Fleet {
                     w.display_name()
                 ));
             }
+            if !matches!(w.api.as_str(), "openai" | "anthropic") {
+                return Err(format!(
+                    "fleet worker {:?}: api must be `openai` or `anthropic`, not {:?}",
+                    w.display_name(),
+                    w.api
+                ));
+            }
             let spec = w.clone();
             let connect = Duration::from_millis(self.spec.connect_timeout_ms);
             let timeout = Duration::from_millis(self.spec.timeout_ms);

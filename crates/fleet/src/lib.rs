@@ -7,6 +7,7 @@
 //! Must not depend on the gateway or on HTTP serving: it is a client of workers. The
 //! decisions themselves stay in `sched` (pure); this crate holds the state and the I/O.
 
+mod anthropic;
 mod discovery;
 mod fleet;
 mod health;

@@ -1,5 +1,6 @@
 //! A remote OpenAI-compatible worker: forward a request as a stream, read its events.
 
+use crate::anthropic;
 use crate::spec::WorkerSpec;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
@@ -95,6 +96,8 @@ pub struct RemoteStream {
     finish: Option<String>,
     usage: Option<RemoteUsage>,
     done: bool,
+    /// Set when the worker speaks Anthropic's Messages API.
+    anthropic: Option<anthropic::Reader>,
 }
 
 impl RemoteWorker {
@@ -132,7 +135,14 @@ impl RemoteWorker {
         headers: &[(String, String)],
         stream: bool,
     ) -> Result<RemoteStream, WorkerError> {
-        if let Some(obj) = body.as_object_mut() {
+        let messages_api = self.spec.api == "anthropic";
+        if messages_api {
+            let model = match self.spec.upstream_model.as_str() {
+                "" => body["model"].as_str().unwrap_or_default().to_owned(),
+                m => m.to_owned(),
+            };
+            body = anthropic::request(&body, &model, stream);
+        } else if let Some(obj) = body.as_object_mut() {
             obj.insert("stream".into(), stream.into());
             if stream {
                 obj.insert(
@@ -146,12 +156,21 @@ impl RemoteWorker {
                 obj.insert("model".into(), self.spec.upstream_model.clone().into());
             }
         }
-        let url = format!("{}{}", self.spec.url.trim_end_matches('/'), endpoint.path());
+        let path = if messages_api {
+            "/v1/messages"
+        } else {
+            endpoint.path()
+        };
+        let url = format!("{}{}", self.spec.url.trim_end_matches('/'), path);
         let mut req = self.client.post(&url).json(&body);
         for (k, v) in headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        if !self.spec.api_key.is_empty() {
+        if messages_api {
+            req = req
+                .header("x-api-key", &self.spec.api_key)
+                .header("anthropic-version", anthropic::VERSION);
+        } else if !self.spec.api_key.is_empty() {
             req = req.bearer_auth(&self.spec.api_key);
         }
         let resp = match tokio::time::timeout(self.timeout, req.send()).await {
@@ -163,7 +182,7 @@ impl RemoteWorker {
         if !status.is_success() {
             let code = status.as_u16();
             let failure = match code {
-                429 | 503 => Failure::Busy,
+                429 | 503 | 529 => Failure::Busy,
                 400..=499 => Failure::Rejected,
                 _ => Failure::Broken,
             };
@@ -181,7 +200,12 @@ impl RemoteWorker {
                     return Err(self.error(Failure::Broken, None, "no answer in time".into()))
                 }
             };
-            Source::Whole([text, "[DONE]".to_owned()].into())
+            let end = if messages_api {
+                r#"{"type":"message_stop"}"#
+            } else {
+                "[DONE]"
+            };
+            Source::Whole([text, end.to_owned()].into())
         };
         Ok(RemoteStream {
             worker: self.name.clone(),
@@ -190,6 +214,7 @@ impl RemoteWorker {
             finish: None,
             usage: None,
             done: false,
+            anthropic: messages_api.then(anthropic::Reader::default),
         })
     }
 
@@ -223,7 +248,11 @@ impl RemoteWorker {
 pub async fn list_models(spec: &WorkerSpec, timeout: Duration) -> Result<Vec<String>, String> {
     let url = format!("{}/v1/models", spec.url.trim_end_matches('/'));
     let mut req = reqwest::Client::new().get(&url).timeout(timeout);
-    if !spec.api_key.is_empty() {
+    if spec.api == "anthropic" {
+        req = req
+            .header("x-api-key", &spec.api_key)
+            .header("anthropic-version", anthropic::VERSION);
+    } else if !spec.api_key.is_empty() {
         req = req.bearer_auth(&spec.api_key);
     }
     let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
@@ -309,7 +338,10 @@ impl RemoteStream {
                 });
             }
             match self.parse(&data) {
-                Ok(Some(text)) => return Some(Ok(RemoteEvent::Text(text))),
+                Ok(Some(ev)) => {
+                    self.done = matches!(ev, RemoteEvent::Done { .. });
+                    return Some(Ok(ev));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     self.done = true;
@@ -320,10 +352,16 @@ impl RemoteStream {
         None
     }
 
-    /// One chunk: its text (if any); remembers finish reason and usage.
-    fn parse(&mut self, data: &str) -> Result<Option<String>, WorkerError> {
+    /// One event: text or the end (if any); remembers finish reason and usage.
+    fn parse(&mut self, data: &str) -> Result<Option<RemoteEvent>, WorkerError> {
         let v: serde_json::Value = serde_json::from_str(data)
             .map_err(|e| self.broken(format!("unreadable event: {e}")))?;
+        if let Some(reader) = &mut self.anthropic {
+            return match reader.read(&v) {
+                Ok(ev) => Ok(ev),
+                Err(msg) => Err(self.broken(format!("failed mid-stream: {msg}"))),
+            };
+        }
         if let Some(err) = v.get("error") {
             let msg = err
                 .get("message")
@@ -358,6 +396,6 @@ impl RemoteStream {
             .or_else(|| choice.get("text"))
             .and_then(serde_json::Value::as_str)
             .filter(|t| !t.is_empty());
-        Ok(text.map(str::to_owned))
+        Ok(text.map(|t| RemoteEvent::Text(t.to_owned())))
     }
 }

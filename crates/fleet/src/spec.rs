@@ -25,8 +25,11 @@ pub struct WorkerSpec {
     /// What the worker costs, USD per hour (routing prefers cheaper workers that still
     /// meet a request's TTFT target).
     pub price_usd_per_hour: f64,
-    /// Bearer key sent to the worker; empty: none.
+    /// Bearer key sent to the worker (Anthropic: `x-api-key`); empty: none.
     pub api_key: String,
+    /// The API the worker speaks: `openai` (default: `/v1/chat/completions`,
+    /// `/v1/completions`) or `anthropic` (`/v1/messages`, translated both ways).
+    pub api: String,
     /// Failover tier: 0 is tried first; a higher tier only when no lower one has a
     /// healthy worker for the model (e.g. a hosted API as the last resort).
     pub tier: u8,
@@ -48,6 +51,7 @@ impl Default for WorkerSpec {
             accelerator: String::new(),
             price_usd_per_hour: 0.0,
             api_key: String::new(),
+            api: "openai".into(),
             tier: 0,
             prefill_tokens_per_s: 2_000,
             decode_ms_per_seq: 1.0,

@@ -110,12 +110,16 @@ async fn metrics(State(s): State<AppState>) -> Response {
 async fn models(State(s): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
-        data: vec![Model {
-            id: s.model.clone(),
-            object: "model".into(),
-            created: s.started,
-            owned_by: "tokenfab".into(),
-        }],
+        data: s
+            .served()
+            .into_iter()
+            .map(|id| Model {
+                id,
+                object: "model".into(),
+                created: s.started,
+                owned_by: "tokenfab".into(),
+            })
+            .collect(),
     })
 }
 
