@@ -310,6 +310,7 @@ type Received = std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>;
 #[derive(Clone, Debug)]
 struct ReceivedSpan {
     trace_id: String,
+    id: String,
     parent: String,
     name: String,
     attrs: std::collections::BTreeMap<String, String>,
@@ -353,6 +354,7 @@ async fn otlp_receiver() -> (String, Received) {
                                 .collect();
                             spans.push(ReceivedSpan {
                                 trace_id: hex(&s.trace_id),
+                                id: hex(&s.span_id),
                                 parent: hex(&s.parent_span_id),
                                 name: s.name,
                                 attrs,
@@ -471,4 +473,95 @@ async fn each_request_is_one_otlp_trace_under_the_clients_traceparent() {
     for phase in ["admission", "prefill", "decode", "settle"] {
         assert!(names.contains(phase), "span {phase} missing: {names:?}");
     }
+}
+
+/// Through a routing gateway, the trace continues on the remote worker: the worker's
+/// request span is a child of the gateway's `route` span, which is a child of the
+/// gateway's request span under the client's `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trace_continues_on_the_remote_worker() {
+    let (collector, received) = otlp_receiver().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (wport, gport) = (common::free_port(), common::free_port());
+    let (wp, gp) = (wport.to_string(), gport.to_string());
+    let _worker = common::spawn(
+        &[
+            "worker",
+            "--mock",
+            "linear:1:100",
+            "--port",
+            &wp,
+            "--otlp-endpoint",
+            &collector,
+        ],
+        wport,
+        &dir.path().join("worker.log"),
+    )
+    .await;
+    let wurl = format!("http://127.0.0.1:{wport}=mock");
+    let gw = common::spawn(
+        &[
+            "serve",
+            "--model",
+            "none",
+            "--ledger",
+            "memory",
+            "--port",
+            &gp,
+            "--worker",
+            &wurl,
+            "--otlp-endpoint",
+            &collector,
+        ],
+        gport,
+        &dir.path().join("gateway.log"),
+    )
+    .await;
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let client_span = "10f067aa0ba902b8";
+    let traceparent = format!("00-{trace_id}-{client_span}-01");
+    let body = json!({"model": "mock", "max_tokens": 3,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let r = common::call(&gw.url, None, &body, &[("traceparent", &traceparent)]).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let find = || -> Option<(ReceivedSpan, ReceivedSpan, ReceivedSpan)> {
+        let spans: Vec<ReceivedSpan> = received
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect();
+        let root = spans.iter().find(|s| s.parent == client_span)?.clone();
+        let route = spans
+            .iter()
+            .find(|s| s.name == "route" && s.parent == root.id)?
+            .clone();
+        let remote = spans.iter().find(|s| s.parent == route.id)?.clone();
+        Some((root, route, remote))
+    };
+    let mut found = None;
+    for _ in 0..100 {
+        found = find();
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (root, route, remote) =
+        found.expect("gateway request → route → worker request spans in one trace");
+    assert_eq!(
+        root.name, remote.name,
+        "the worker's span is its request span"
+    );
+    assert_eq!(
+        route.attrs.get("worker").map(String::as_str),
+        Some(format!("127.0.0.1:{wport}").as_str())
+    );
+    assert_eq!(
+        remote.attrs.get("x_request_id"),
+        root.attrs.get("x_request_id"),
+        "the request id travels with the request"
+    );
 }

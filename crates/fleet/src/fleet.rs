@@ -89,6 +89,11 @@ impl Member {
         }
     }
 
+    /// KV cache use the worker last reported, per mille (0 when unknown).
+    pub fn kv_permille(&self) -> u32 {
+        lock(&self.load).kv_permille
+    }
+
     /// Requests in flight on this worker, as the router counts them.
     pub fn outstanding(&self) -> u32 {
         lock(&self.load).outstanding
@@ -597,5 +602,88 @@ fn report(metrics: &FleetMetrics, m: &Member, change: Change, why: Option<&str>)
             up.set(1);
             tracing::info!(worker = m.name, "worker readmitted");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(workers: usize) -> Fleet {
+        let spec = FleetSpec {
+            workers: (0..workers)
+                .map(|i| WorkerSpec {
+                    name: format!("w{i}"),
+                    url: format!("http://127.0.0.1:{}", 1 + i),
+                    models: vec!["m".into()],
+                    ..WorkerSpec::default()
+                })
+                .collect(),
+            default_policy: "round-robin".into(),
+            ..FleetSpec::default()
+        };
+        let metrics = FleetMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        Fleet::new(spec, None, metrics).expect("fleet")
+    }
+
+    fn pick<'a>(exclude: &'a [u64]) -> Pick<'a> {
+        Pick {
+            model: "m",
+            prompt_tokens: 10,
+            max_tokens: 5,
+            exclude,
+            ..Pick::default()
+        }
+    }
+
+    #[test]
+    fn retries_in_flight_stay_within_max_3_or_a_fifth_of_active_requests() {
+        let f = fleet(2);
+        let mut held: Vec<Lease> = (0..3)
+            .map(|_| f.pick(&pick(&[]), Some("broken")).expect("within budget"))
+            .collect();
+        assert_eq!(
+            f.pick(&pick(&[]), Some("broken")).err(),
+            Some(PickError::RetryBudget),
+            "a 4th concurrent retry with few requests active"
+        );
+        held.pop();
+        held.push(
+            f.pick(&pick(&[]), Some("broken"))
+                .expect("a slot came back"),
+        );
+        // 40 requests active: a budget of 8, and each retry is itself active (45 → 9).
+        let busy: Vec<Lease> = (0..37)
+            .map(|_| f.pick(&pick(&[]), None).expect("pick"))
+            .collect();
+        let more: Vec<Lease> = (0..6)
+            .map(|_| f.pick(&pick(&[]), Some("busy")).expect("20% of active"))
+            .collect();
+        assert_eq!(f.retrying.load(Ordering::Relaxed), 9);
+        assert_eq!(
+            f.pick(&pick(&[]), Some("busy")).err(),
+            Some(PickError::RetryBudget)
+        );
+        drop((busy, more, held));
+        assert_eq!(f.active.load(Ordering::Relaxed), 0);
+        assert_eq!(f.retrying.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_lease_counts_load_until_dropped_and_excluded_workers_are_skipped() {
+        let f = fleet(2);
+        let a = f.pick(&pick(&[]), None).expect("pick");
+        let first = a.member.id;
+        assert_eq!(a.member.outstanding(), 1);
+        let b = f.pick(&pick(&[first]), None).expect("pick");
+        assert_ne!(b.member.id, first);
+        let both = [first, b.member.id];
+        assert_eq!(
+            f.pick(&pick(&both), None).err(),
+            Some(PickError::NoWorker("m".into()))
+        );
+        let m = a.member.clone();
+        drop(a);
+        assert_eq!(m.outstanding(), 0);
     }
 }

@@ -179,7 +179,7 @@ async fn data(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     };
     Ok(Json(json!({
         "now_ms": now_ms,
-        "model": s.model,
+        "model": s.served().join(", "),
         "node": s.config.node,
         "uptime_s": u64::try_from(unix_now()).unwrap_or(0).saturating_sub(s.started),
         "workers": workers,
@@ -216,6 +216,8 @@ pub fn fleet_workers(f: &tokenfab_fleet::Fleet) -> Value {
                 "tier": m.tier,
                 "status": if m.routable(now) { "ok" } else { "ejected" },
                 "running": m.outstanding(),
+                // From the worker's health answer (tokenfab workers report it).
+                "kv_pct": remote.map(|_| f64::from(m.kv_permille()) / 10.0),
             })
         })
         .collect()

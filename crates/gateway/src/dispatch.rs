@@ -135,7 +135,6 @@ pub async fn start<'a>(
     if let Some(scope) = &who.cache_scope {
         forward.push(("x-tokenfab-cache-scope".to_owned(), scope.clone()));
     }
-    forward.extend(crate::trace::outgoing(&span));
     let mut attempts = Attempts {
         run: Run {
             s,
@@ -209,14 +208,19 @@ impl Attempts<'_> {
                         obj.insert("max_tokens".into(), r.max_new.into());
                         obj.remove("max_completion_tokens");
                     }
-                    let headers: &[(String, String)] = if w.spec.api_key.is_empty() {
-                        &r.forward
+                    // The worker's spans join this request's trace under `route`.
+                    let span =
+                        tracing::info_span!("route", worker = %worker, attempt = r.tried.len());
+                    let mut headers = if w.spec.api_key.is_empty() {
+                        r.forward.clone()
                     } else {
                         // A hosted API learns nothing about our tenants.
-                        &r.forward[..1]
+                        r.forward[..1].to_vec()
                     };
+                    headers.extend(crate::trace::outgoing(&span));
                     let stream = r.job.spec.stream;
-                    match w.send(r.job.endpoint, body, headers, stream).await {
+                    let sent = w.send(r.job.endpoint, body, &headers, stream);
+                    match sent.instrument(span).await {
                         Ok(stream) => TextOutput::remote(
                             stream,
                             r.job.spec.stop.clone(),
