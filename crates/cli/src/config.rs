@@ -257,6 +257,19 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The README's fleet example is a valid config file.
+    #[test]
+    fn the_readme_fleet_example_parses() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n[model]").expect("the fleet example") + 8;
+        let len = readme[start..].find("```").expect("its end");
+        let cfg: Config = toml::from_str(&readme[start..start + len]).expect("valid config");
+        assert_eq!(cfg.fleet.workers.len(), 2);
+        assert_eq!(cfg.fleet.workers[1].api, "anthropic");
+        assert_eq!(cfg.fleet.aliases[0].small_max_tokens, 256);
+        assert!(cfg.routing_only());
+    }
+
     #[test]
     fn file_overrides_defaults_and_unknown_keys_are_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
