@@ -197,16 +197,11 @@ async fn fleet(
     if spec.workers.is_empty() && spec.aliases.is_empty() {
         return Ok(None);
     }
-    let discovery: Arc<dyn tokenfab_fleet::Discovery> = Arc::new(tokenfab_fleet::StaticDns {
-        workers: spec.workers.clone(),
-    });
-    let workers = discovery
-        .workers()
-        .await
-        .map_err(|e| anyhow::anyhow!("fleet workers: {e}"))?;
-    let mut spec = spec.clone();
-    spec.workers = Vec::with_capacity(workers.len());
-    for mut w in workers {
+    // Workers configured without models are asked for theirs once, before discovery
+    // (which re-reads this list) expands DNS names.
+    let mut configured = Vec::with_capacity(spec.workers.len());
+    for w in &spec.workers {
+        let mut w = w.clone();
         if w.models.is_empty() {
             w.models = tokenfab_fleet::list_models(&w, std::time::Duration::from_secs(10))
                 .await
@@ -217,8 +212,16 @@ async fn fleet(
                     )
                 })?;
         }
-        spec.workers.push(w);
+        configured.push(w);
     }
+    let discovery: Arc<dyn tokenfab_fleet::Discovery> = Arc::new(tokenfab_fleet::StaticDns {
+        workers: configured,
+    });
+    let mut spec = spec.clone();
+    spec.workers = discovery
+        .workers()
+        .await
+        .map_err(|e| anyhow::anyhow!("fleet workers: {e}"))?;
     let metrics = tokenfab_fleet::FleetMetrics::new(registry)?;
     let fleet = Arc::new(
         tokenfab_fleet::Fleet::new(spec, local_model, metrics).map_err(anyhow::Error::msg)?,

@@ -82,6 +82,8 @@ async fn bad_inputs_get_clear_errors() {
         Case { method: "GET", ..case("wrong method", "/v1/chat/completions", json!({}), 405, Some("method_not_allowed")) },
         Case { headers: vec![("x-tokenfab-priority", "urgent")], ..case("bad priority header", "/v1/chat/completions", chat(json!({"max_tokens": 2})), 400, None) },
         Case { headers: vec![("x-request-id", "has spaces in it")], ..case("unusable x-request-id", "/v1/chat/completions", chat(json!({"max_tokens": 2})), 400, None) },
+        Case { headers: vec![("x-tokenfab-slo-ttft-ms", "soon")], ..case("SLO not a number", "/v1/chat/completions", chat(json!({"max_tokens": 2})), 400, None) },
+        Case { headers: vec![("x-tokenfab-slo-tpot-ms", "0")], ..case("SLO of zero", "/v1/chat/completions", chat(json!({"max_tokens": 2})), 400, None) },
     ];
     let client = client();
     for c in cases.drain(..) {

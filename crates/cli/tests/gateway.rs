@@ -671,3 +671,38 @@ async fn response_cache_serves_deterministic_repeats_per_tenant_without_billing(
     let (_, keys) = get(&url, "/admin/v1/keys?tenant=cache-c", Some(ADMIN)).await;
     assert_eq!(keys["data"][0]["response_cache"], true);
 }
+
+/// A TTFT target the engine predicts it cannot meet (from its measured prefill rate and
+/// queue) is refused at once with 503 and Retry-After; a reachable one runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_ttft_target_is_refused_up_front() {
+    let mut cfg = config();
+    cfg.model.mock = "linear:5:1000".into(); // 1 ms per prompt token
+    cfg.model.kv_tokens = 16384;
+    let url = common::serve_mock(cfg).await;
+    let body = |words: usize| {
+        json!({"model": "mock", "max_tokens": 2,
+               "messages": [{"role": "user", "content": "word ".repeat(words)}]})
+    };
+    // Teach the engine its prefill rate (steps with at least 64 prefill tokens).
+    let r = call(&url, None, &body(200), &[]).await;
+    assert_eq!(r.status(), 200);
+    let slow = [("x-tokenfab-slo-ttft-ms", "50")];
+    let r = call(&url, None, &body(400), &slow).await; // ~2,000 tokens: ~2 s of prefill
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "overloaded", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("time-to-first-token")),
+        "{v}"
+    );
+    let relaxed = [
+        ("x-tokenfab-slo-ttft-ms", "60000"),
+        ("x-tokenfab-slo-tpot-ms", "1000"),
+    ];
+    let r = call(&url, None, &body(400), &relaxed).await;
+    assert_eq!(r.status(), 200);
+}

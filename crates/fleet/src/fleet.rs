@@ -46,6 +46,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Member {
     fn new(kind: MemberKind, spec: &WorkerSpec, policy: HealthPolicy) -> Member {
         let name = spec.display_name();
@@ -136,6 +144,8 @@ pub struct Fleet {
     spec: FleetSpec,
     health_policy: HealthPolicy,
     members: RwLock<Vec<Arc<Member>>>,
+    /// Every model name served (members' models and aliases), sorted.
+    models: RwLock<Vec<String>>,
     routers: Mutex<HashMap<String, Router>>,
     /// Requests in flight through the fleet, and retries among them.
     active: Arc<AtomicU32>,
@@ -169,6 +179,7 @@ impl Fleet {
         let fleet = Fleet {
             health_policy,
             members: RwLock::new(Vec::new()),
+            models: RwLock::new(Vec::new()),
             routers: Mutex::new(HashMap::new()),
             active: Arc::new(AtomicU32::new(0)),
             retrying: Arc::new(AtomicU32::new(0)),
@@ -224,10 +235,7 @@ impl Fleet {
             return Err(format!("two fleet workers are named {:?}", w[0]));
         }
         let gone: Vec<u64> = {
-            let old = self
-                .members
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let old = read(&self.members);
             old.iter()
                 .filter(|o| !next.iter().any(|n| n.id == o.id))
                 .map(|o| o.id)
@@ -242,19 +250,21 @@ impl Fleet {
             self.metrics
                 .init_worker(&m.name, &m.accelerator, self.policy_names());
         }
-        *self
-            .members
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        let mut models: Vec<String> = next
+            .iter()
+            .flat_map(|m| m.models.iter().cloned())
+            .chain(self.spec.aliases.iter().map(|a| a.name.clone()))
+            .collect();
+        models.sort();
+        models.dedup();
+        *write(&self.members) = next;
+        *write(&self.models) = models;
         Ok(())
     }
 
     fn keep_or(&self, spec: &WorkerSpec, make: impl FnOnce() -> MemberKind) -> Arc<Member> {
         let name = spec.display_name();
-        let old = self
-            .members
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = read(&self.members);
         let same = old.iter().find(|m| {
             m.name == name
                 && match &m.kind {
@@ -269,27 +279,18 @@ impl Fleet {
     }
 
     pub fn members(&self) -> Vec<Arc<Member>> {
-        self.members
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        read(&self.members).clone()
     }
 
     /// Every model name clients may ask for: served models and aliases.
     pub fn models(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .members()
-            .iter()
-            .flat_map(|m| m.models.iter().cloned())
-            .chain(self.spec.aliases.iter().map(|a| a.name.clone()))
-            .collect();
-        all.sort();
-        all.dedup();
-        all
+        read(&self.models).clone()
     }
 
     pub fn serves(&self, model: &str) -> bool {
-        self.models().iter().any(|m| m == model)
+        read(&self.models)
+            .binary_search_by(|m| m.as_str().cmp(model))
+            .is_ok()
     }
 
     /// The model an alias stands for, given the request's size; other names as they are.

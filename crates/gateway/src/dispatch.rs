@@ -41,6 +41,7 @@ struct Who {
     weight: u32,
     band: Band,
     cache_scope: Option<String>,
+    slo: Slo,
 }
 
 /// What stays fixed across attempts.
@@ -135,6 +136,11 @@ pub async fn start<'a>(
     if let Some(scope) = &who.cache_scope {
         forward.push(("x-tokenfab-cache-scope".to_owned(), scope.clone()));
     }
+    for (h, v) in [(SLO_TTFT, who.slo.ttft), (SLO_TPOT, who.slo.tpot)] {
+        if let Some(v) = v {
+            forward.push((h.to_owned(), v.as_millis().to_string()));
+        }
+    }
     let mut attempts = Attempts {
         run: Run {
             s,
@@ -170,7 +176,13 @@ impl Attempts<'_> {
     async fn attempt(&mut self, mut meter: Meter) -> Result<Started, ApiError> {
         let r = &mut self.run;
         let Some(fleet) = r.s.fleet.clone() else {
-            let out = r.local(meter).await?;
+            let out = match r.local(meter) {
+                Ok(out) => out,
+                Err(b) => {
+                    let (mut m, e) = *b;
+                    return Err(fail(&mut m, e).await);
+                }
+            };
             return first_piece(out, None).await.map_err(|(_, e)| e.error);
         };
         loop {
@@ -184,7 +196,7 @@ impl Attempts<'_> {
                 prompt_tokens: r.prompt_tokens,
                 max_tokens: r.max_new,
                 session: r.session,
-                ttft_slo: None,
+                ttft_slo: r.who.slo.ttft,
                 exclude: &r.tried,
             };
             let mut lease = match fleet.pick(&pick, retry) {
@@ -200,7 +212,23 @@ impl Attempts<'_> {
             let worker = lease.worker().to_owned();
             tracing::Span::current().record("worker", worker.as_str());
             let out = match &lease.member.kind {
-                MemberKind::Local => r.local(meter).await?.with_lease(lease),
+                MemberKind::Local => match r.local(meter).map_err(|b| *b) {
+                    Ok(out) => out.with_lease(lease),
+                    // This engine's queue is full: another worker may have room.
+                    Err((m, e)) if e.code == ErrorCode::Overloaded => {
+                        let busy = WorkerError {
+                            worker,
+                            failure: Failure::Busy,
+                            status: Some(503),
+                            message: e.message,
+                        };
+                        lease.fail(&busy);
+                        r.last = Some(busy);
+                        meter = m;
+                        continue;
+                    }
+                    Err((mut m, e)) => return Err(fail(&mut m, e).await),
+                },
                 MemberKind::Remote(w) => {
                     let mut body = r.job.body.clone();
                     if let Some(obj) = body.as_object_mut() {
@@ -314,14 +342,14 @@ pub struct Collected {
 }
 
 impl Run<'_> {
-    /// Submit to this process's engine.
-    async fn local(&self, mut meter: Meter) -> Result<TextOutput, ApiError> {
+    /// Submit to this process's engine; a refusal hands the meter back unsettled.
+    fn local(&self, meter: Meter) -> Result<TextOutput, Box<(Meter, ApiError)>> {
         let (Some(engine), Some(tokens)) = (&self.s.engine, &self.job.tokens) else {
             let e = ApiError::new(
                 ErrorCode::Internal,
                 "the local engine was chosen but this process has none",
             );
-            return Err(fail(&mut meter, e).await);
+            return Err(Box::new((meter, e)));
         };
         let submitted = engine.submit(GenerateRequest {
             tenant: self.who.tenant.clone(),
@@ -331,7 +359,7 @@ impl Run<'_> {
             max_new: Tokens(self.max_new),
             seed: self.job.spec.seed,
             sampling: self.job.spec.sampling.clone(),
-            slo: Slo::default(),
+            slo: self.who.slo,
             cache_scope: self.who.cache_scope.clone(),
         });
         match submitted {
@@ -343,7 +371,7 @@ impl Run<'_> {
                 meter,
                 self.job.spec.stream,
             )),
-            Err(e) => Err(fail(&mut meter, e.into()).await),
+            Err(e) => Err(Box::new((meter, e.into()))),
         }
     }
 }
@@ -391,9 +419,39 @@ pub async fn fail(meter: &mut Meter, e: ApiError) -> ApiError {
     }
 }
 
+const SLO_TTFT: &str = "x-tokenfab-slo-ttft-ms";
+const SLO_TPOT: &str = "x-tokenfab-slo-tpot-ms";
+
+/// `x-tokenfab-slo-ttft-ms` / `-tpot-ms`: the request's latency targets. A TTFT target the
+/// engine predicts it cannot meet is refused at once (503 with `Retry-After`), and the
+/// router prefers the cheapest worker predicted to meet it.
+fn slo(headers: &HeaderMap) -> Result<Slo, ApiError> {
+    let ms = |name: &str| -> Result<Option<tokenfab_types::Nanos>, ApiError> {
+        let Some(v) = headers.get(name) else {
+            return Ok(None);
+        };
+        v.to_str()
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| (1..=3_600_000).contains(ms))
+            .map(|ms| Some(tokenfab_types::Nanos::from_millis(ms)))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("{name} must be a whole number of milliseconds in 1..=3600000"),
+                )
+            })
+    };
+    Ok(Slo {
+        ttft: ms(SLO_TTFT)?,
+        tpot: ms(SLO_TPOT)?,
+    })
+}
+
 fn who(s: &AppState, headers: &HeaderMap, caller: &Caller) -> Result<Who, ApiError> {
     let band = band(headers, caller)?;
     let cache_scope = cache_scope(headers)?;
+    let slo = slo(headers)?;
     let (tenant, weight) = match &caller.0 {
         Some(k) => (k.tenant.clone(), k.weight),
         None if s.config.trust_forwarded_tenant => forwarded_tenant(headers)?,
@@ -404,6 +462,7 @@ fn who(s: &AppState, headers: &HeaderMap, caller: &Caller) -> Result<Who, ApiErr
         weight,
         band,
         cache_scope,
+        slo,
     })
 }
 
