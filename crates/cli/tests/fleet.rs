@@ -520,6 +520,7 @@ async fn tiers_aliases_sessions_and_a_translated_anthropic_tier() {
         large: "big".into(),
         small_max_prompt_tokens: 200,
         small_max_tokens: 64,
+        small_bands: vec!["standard".into(), "batch".into()],
     }];
     let gw = common::serve_mock(cfg).await;
     let chat = |model: &str, max_tokens: u64, stream: bool| {
@@ -559,6 +560,15 @@ async fn tiers_aliases_sessions_and_a_translated_anthropic_tier() {
     let r = ask(&gw, &chat("auto", 500, false)).await;
     assert_eq!((r.status, r.worker.as_str()), (200, "live"), "{r:?}");
     assert_eq!(r.json["model"], "big");
+    // A band not allowed on the small model gets the large one, however small.
+    let r = common::call(
+        &gw,
+        None,
+        &chat("auto", 8, false),
+        &[("x-tokenfab-priority", "interactive")],
+    )
+    .await;
+    assert_eq!(r.headers()["x-tokenfab-worker"], "live");
 
     // Sessions keep their worker.
     let mut used = std::collections::BTreeSet::new();

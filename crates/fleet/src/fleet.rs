@@ -171,6 +171,18 @@ impl Fleet {
                 ));
             }
         }
+        for a in &spec.aliases {
+            if let Some(b) = a
+                .small_bands
+                .iter()
+                .find(|b| tokenfab_types::Band::parse(b).is_none())
+            {
+                return Err(format!(
+                    "alias {:?}: small_bands has {b:?}; use interactive, standard or batch",
+                    a.name
+                ));
+            }
+        }
         let health_policy = HealthPolicy {
             eject_after_failures: spec.eject_after_failures.max(1),
             eject_base: Duration::from_millis(spec.eject_base_ms),
@@ -293,10 +305,16 @@ impl Fleet {
             .is_ok()
     }
 
-    /// The model an alias stands for, given the request's size; other names as they are.
-    pub fn resolve<'a>(&'a self, model: &'a str, prompt_tokens: u64, max_tokens: u64) -> &'a str {
+    /// The model an alias stands for, given the request's size and band; other names as
+    /// they are.
+    pub fn resolve<'a>(
+        &'a self,
+        model: &'a str,
+        (prompt_tokens, max_tokens): (u64, u64),
+        band: tokenfab_types::Band,
+    ) -> &'a str {
         match self.spec.aliases.iter().find(|a| a.name == model) {
-            Some(a) if is_small(a, prompt_tokens, max_tokens) => &a.small,
+            Some(a) if is_small(a, prompt_tokens, max_tokens, band) => &a.small,
             Some(a) => &a.large,
             None => model,
         }
@@ -470,8 +488,15 @@ pub const BLOCK_TOKENS: u64 = 16;
 /// Bytes of prompt text per routing block.
 pub const BLOCK_BYTES: usize = 64;
 
-fn is_small(a: &AliasSpec, prompt_tokens: u64, max_tokens: u64) -> bool {
-    prompt_tokens <= a.small_max_prompt_tokens && max_tokens <= a.small_max_tokens
+fn is_small(
+    a: &AliasSpec,
+    prompt_tokens: u64,
+    max_tokens: u64,
+    band: tokenfab_types::Band,
+) -> bool {
+    prompt_tokens <= a.small_max_prompt_tokens
+        && max_tokens <= a.small_max_tokens
+        && (a.small_bands.is_empty() || a.small_bands.iter().any(|b| b == band.as_str()))
 }
 
 /// Holds one retry slot of the budget while the retried request runs.

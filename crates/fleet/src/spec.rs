@@ -83,6 +83,9 @@ pub struct AliasSpec {
     /// most these.
     pub small_max_prompt_tokens: u64,
     pub small_max_tokens: u64,
+    /// Priority bands (the key's, or the request's) allowed on the small model; others
+    /// always get `large`. Empty: every band.
+    pub small_bands: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

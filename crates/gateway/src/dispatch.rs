@@ -76,8 +76,8 @@ pub async fn start<'a>(
         Some(f) => f
             .resolve(
                 &job.model,
-                estimate,
-                job.spec.max_tokens.unwrap_or(u64::MAX),
+                (estimate, job.spec.max_tokens.unwrap_or(u64::MAX)),
+                who.band,
             )
             .to_owned(),
         None => job.model.clone(),
