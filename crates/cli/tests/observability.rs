@@ -184,10 +184,13 @@ async fn chromium(url: &str, args: &[&str]) -> Option<String> {
         "--disable-gpu",
         "--disable-dev-shm-usage",
     ])
-    .args(["--virtual-time-budget=4000", "--window-size=1280,1000"])
+    .arg("--window-size=1280,1000")
     .args(args)
-    .arg(url)
     .kill_on_drop(true);
+    if !args.iter().any(|a| a.starts_with("--virtual-time-budget")) {
+        cmd.arg("--virtual-time-budget=4000");
+    }
+    cmd.arg(url);
     let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output()).await;
     match out {
         Ok(Ok(o)) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
@@ -215,9 +218,21 @@ fn shown(dom: &str, id: &str) -> Option<u64> {
 /// screenshot is kept in the test's target directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dashboard_shows_live_numbers_in_chromium() {
+    let mut worker = common::config();
+    worker.model.mock = "linear:1:100".into();
+    worker.worker = true;
+    let worker = common::serve_mock(worker).await;
     let mut cfg = common::config();
     cfg.model.mock = "linear:1:100".into();
     cfg.gateway.admin_key = ADMIN.into();
+    // A fleet: this engine plus one remote worker, both on the page.
+    cfg.fleet.workers.push(tokenfab_fleet::WorkerSpec {
+        name: "gpu-1".into(),
+        url: worker,
+        models: vec!["mock".into()],
+        accelerator: "h100".into(),
+        ..tokenfab_fleet::WorkerSpec::default()
+    });
     let url = common::serve_mock(cfg).await;
     let page = format!("{url}/dashboard");
     let Some(locked) = chromium(&page, &["--dump-dom"]).await else {
@@ -239,8 +254,44 @@ async fn dashboard_shows_live_numbers_in_chromium() {
     }
     let after = chromium(&with_key, &["--dump-dom"]).await.expect("dom");
     assert_eq!(shown(&after, "requests-total"), Some(5));
+    // One live session: the page keeps polling while requests are served, and the count
+    // it shows moves between its first and its last poll.
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = {
+        let (url, key, body, busy) = (url.clone(), key.clone(), body.clone(), busy.clone());
+        tokio::spawn(async move {
+            while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = common::call(&url, Some(&key), &body, &[]).await;
+                assert_eq!(r.status(), 200);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let live = chromium(&with_key, &["--dump-dom", "--virtual-time-budget=60000"])
+        .await
+        .expect("dom");
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    load.await.expect("load");
+    let attr = |name: &str| -> Option<u64> {
+        let at = live.find("id=\"requests-total\"")?;
+        live[at..]
+            .split(&format!("{name}=\""))
+            .nth(1)?
+            .split('"')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (first, last, polls) = (attr("data-first"), attr("data-value"), attr("data-polls"));
+    assert!(polls.is_some_and(|p| p >= 2), "the page polled: {polls:?}");
+    assert!(
+        matches!((first, last), (Some(f), Some(l)) if l > f),
+        "the count moved within one session: first {first:?}, last {last:?}"
+    );
     assert_eq!(shown(&after, "tokens-completion"), Some(20));
     assert!(after.contains(">dash<"), "top tenants lists the tenant");
+    assert!(after.contains(">gpu-1<") && after.contains(">remote<"), "the fleet's worker is listed");
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     chromium(&with_key, &[&format!("--screenshot={}", shot.display())])
