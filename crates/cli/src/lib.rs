@@ -6,4 +6,5 @@ pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod serve;
+pub mod sim;
 pub mod telemetry;

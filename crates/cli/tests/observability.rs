@@ -291,7 +291,10 @@ async fn dashboard_shows_live_numbers_in_chromium() {
     );
     assert_eq!(shown(&after, "tokens-completion"), Some(20));
     assert!(after.contains(">dash<"), "top tenants lists the tenant");
-    assert!(after.contains(">gpu-1<") && after.contains(">remote<"), "the fleet's worker is listed");
+    assert!(
+        after.contains(">gpu-1<") && after.contains(">remote<"),
+        "the fleet's worker is listed"
+    );
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     chromium(&with_key, &[&format!("--screenshot={}", shot.display())])

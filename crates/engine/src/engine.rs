@@ -1,6 +1,6 @@
 //! The engine thread: intake → cancellations → plan → execute → stream → complete.
 
-use crate::executor::{BatchEntry, Executor, SamplingParams};
+use crate::executor::{BatchEntry, Executor, ExecutorCapacity, SamplingParams};
 use crate::metrics::EngineMetrics;
 use crate::request::{Event, GenerateRequest, Generation, Usage};
 use std::collections::HashMap;
@@ -42,6 +42,28 @@ impl Default for EngineConfig {
             max_waiting: 256,
             max_waiting_tokens: 1 << 20,
             target_step_ms: 250,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The scheduler's configuration for an executor of `cap` (the simulator builds its
+    /// workers' schedulers the same way).
+    pub fn sched_config(&self, cap: &ExecutorCapacity) -> SchedConfig {
+        let block_tokens = self.block_tokens.max(1);
+        SchedConfig {
+            slots: cap.slots,
+            max_running: self.max_running.clamp(1, cap.slots),
+            kv_blocks: (cap.kv_tokens / u64::from(block_tokens)) as u32,
+            block_tokens,
+            max_seq_tokens: cap.max_seq_tokens,
+            max_step_tokens: self.max_step_tokens.min(cap.max_batch_tokens),
+            max_prefill_chunk: self.max_prefill_chunk.min(cap.max_batch_tokens),
+            max_waiting: self.max_waiting,
+            max_waiting_tokens: self.max_waiting_tokens,
+            watermark_blocks: 4,
+            target_step: (self.target_step_ms > 0)
+                .then(|| Nanos::from_millis(u64::from(self.target_step_ms))),
         }
     }
 }
@@ -212,22 +234,7 @@ impl<E: Executor> Loop<E> {
         snapshot: Arc<Mutex<SchedSnapshot>>,
     ) -> Self {
         use rand::SeedableRng;
-        let cap = exec.capacity();
-        let block_tokens = cfg.block_tokens.max(1);
-        let sched = Scheduler::new(SchedConfig {
-            slots: cap.slots,
-            max_running: cfg.max_running.clamp(1, cap.slots),
-            kv_blocks: (cap.kv_tokens / u64::from(block_tokens)) as u32,
-            block_tokens,
-            max_seq_tokens: cap.max_seq_tokens,
-            max_step_tokens: cfg.max_step_tokens.min(cap.max_batch_tokens),
-            max_prefill_chunk: cfg.max_prefill_chunk.min(cap.max_batch_tokens),
-            max_waiting: cfg.max_waiting,
-            max_waiting_tokens: cfg.max_waiting_tokens,
-            watermark_blocks: 4,
-            target_step: (cfg.target_step_ms > 0)
-                .then(|| Nanos::from_millis(u64::from(cfg.target_step_ms))),
-        });
+        let sched = Scheduler::new(cfg.sched_config(&exec.capacity()));
         Loop {
             sched,
             exec,

@@ -8,11 +8,12 @@
 //!
 //! [`Executor`]: tokenfab_engine::Executor
 
+pub mod cluster;
 mod executor;
 mod profile;
 mod tokenizer;
 pub mod trace;
 
 pub use executor::ModelExecutor;
-pub use profile::{MockSpec, ProfileError, StepProfile};
+pub use profile::{accelerators, Accelerator, MockSpec, ProfileError, StepProfile};
 pub use tokenizer::ByteTokenizer;

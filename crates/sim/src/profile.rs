@@ -11,7 +11,7 @@ pub struct StepProfile {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown mock profile {0:?}: use `instant` or `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`, optionally followed by `,fail-every=N`")]
+#[error("unknown mock profile {0:?}: use `instant`, `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]` or a named profile (cpu:smollm2-135m, h100:llama2-70b, a100:llama2-70b), optionally followed by `,fail-every=N`")]
 pub struct ProfileError(pub String);
 
 /// What `--mock` runs: a step-time profile and, for fault-injection tests, a step that
@@ -44,11 +44,67 @@ impl MockSpec {
     }
 }
 
+/// A modelled accelerator running one model: its step times and capacity, from
+/// `data/profiles.toml` (each entry cites its measurements and its fit error).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Accelerator {
+    pub profile: StepProfile,
+    pub kv_tokens: u64,
+    pub slots: u32,
+    pub usd_per_hour: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct ProfileFile {
+    profiles: std::collections::BTreeMap<String, ProfileEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileEntry {
+    base_ms: f64,
+    per_token_us: f64,
+    per_seq_us: f64,
+    kv_tokens: u64,
+    slots: u32,
+    usd_per_hour: f64,
+}
+
+const PROFILES: &str = include_str!("../data/profiles.toml");
+
+/// The named profiles (`cpu:smollm2-135m`, `h100:llama2-70b`, ...).
+pub fn accelerators() -> std::collections::BTreeMap<String, Accelerator> {
+    let file: ProfileFile = match toml::from_str(PROFILES) {
+        Ok(f) => f,
+        Err(_) => return Default::default(), // checked by a test
+    };
+    file.profiles
+        .into_iter()
+        .map(|(name, e)| {
+            let acc = Accelerator {
+                profile: StepProfile {
+                    base: Nanos::from_secs_f64(e.base_ms / 1e3),
+                    per_token: Nanos::from_secs_f64(e.per_token_us / 1e6),
+                    per_seq: Nanos::from_secs_f64(e.per_seq_us / 1e6),
+                },
+                kv_tokens: e.kv_tokens,
+                slots: e.slots,
+                usd_per_hour: e.usd_per_hour,
+            };
+            (name, acc)
+        })
+        .collect()
+}
+
 impl StepProfile {
-    /// `instant` (no time at all) or `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`.
+    /// `instant` (no time at all), `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`, or a named
+    /// profile from `data/profiles.toml` (e.g. `h100:llama2-70b`).
     pub fn parse(s: &str) -> Result<StepProfile, ProfileError> {
         if s == "instant" {
             return Ok(StepProfile::default());
+        }
+        if let Some(a) = accelerators().get(s) {
+            return Ok(a.profile);
         }
         let err = || ProfileError(s.to_owned());
         let rest = s.strip_prefix("linear:").ok_or_else(err)?;
@@ -78,6 +134,15 @@ impl StepProfile {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_profile_file_parses_and_names_resolve() {
+        let all = super::accelerators();
+        assert!(all.len() >= 3, "{:?}", all.keys());
+        let h100 = super::StepProfile::parse("h100:llama2-70b").expect("named");
+        assert_eq!(h100, all["h100:llama2-70b"].profile);
+        assert!(h100.step_time(1, 1).0 > 28_000_000);
+    }
+
     use super::*;
 
     #[test]

@@ -1,0 +1,169 @@
+//! `tokenfab sim`: replay a trace on a simulated cluster (the production scheduler and
+//! router in virtual time) and report latency, goodput, cache hits and cost — for one
+//! routing policy or several side by side.
+
+use clap::Args;
+use tokenfab_sched::route::Policy;
+use tokenfab_sim::cluster::{simulate, Report, SimConfig, SimWorker};
+use tokenfab_sim::{accelerators, StepProfile};
+use tokenfab_types::Nanos;
+
+#[derive(Args, Clone, Debug)]
+pub struct SimArgs {
+    /// Trace to replay (Azure CSV, Mooncake or ShareGPT JSONL).
+    #[arg(long)]
+    trace: std::path::PathBuf,
+    /// The fleet: `PROFILE=COUNT[,PROFILE=COUNT...]`, a profile being a name from the
+    /// profile file (cpu:smollm2-135m, h100:llama2-70b, a100:llama2-70b) or
+    /// `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`.
+    #[arg(long)]
+    workers: String,
+    /// Routing policy.
+    #[arg(long, default_value = "prefix-load")]
+    policy: String,
+    /// Several policies on the same trace and seed, side by side (comma-separated).
+    #[arg(long)]
+    compare: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// TTFT target, ms (goodput counts requests meeting every target).
+    #[arg(long)]
+    slo_ttft_ms: Option<u64>,
+    /// Time-per-output-token target, ms.
+    #[arg(long)]
+    slo_tpot_ms: Option<u64>,
+    /// Multiply arrival times (0.5 = twice the rate).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Multiply prompt lengths.
+    #[arg(long, default_value_t = 1.0)]
+    length_scale: f64,
+    /// Only the first N requests (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// One JSON object per policy instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `PROFILE=COUNT,...` → workers.
+pub fn parse_workers(spec: &str) -> anyhow::Result<Vec<SimWorker>> {
+    let named = accelerators();
+    let mut out = Vec::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (name, count) = part.rsplit_once('=').unwrap_or((part, "1"));
+        let count: usize = count
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--workers: bad count in {part:?}"))?;
+        let w = match named.get(name) {
+            Some(a) => SimWorker {
+                kind: name.to_owned(),
+                profile: a.profile,
+                kv_tokens: a.kv_tokens,
+                slots: a.slots,
+                usd_per_hour: a.usd_per_hour,
+            },
+            None => SimWorker {
+                kind: name.to_owned(),
+                profile: StepProfile::parse(name)?,
+                kv_tokens: 262_144,
+                slots: 128,
+                usd_per_hour: 0.0,
+            },
+        };
+        out.extend(std::iter::repeat_n(w, count));
+    }
+    if out.is_empty() {
+        anyhow::bail!("--workers names no worker");
+    }
+    Ok(out)
+}
+
+pub fn run(a: SimArgs) -> anyhow::Result<()> {
+    let mut trace = tokenfab_sim::trace::read(&a.trace)?;
+    if a.limit > 0 {
+        trace.truncate(a.limit);
+    }
+    tokenfab_sim::trace::scale(&mut trace, a.time_scale, a.length_scale);
+    let workers = parse_workers(&a.workers)?;
+    let names = a.compare.clone().unwrap_or_else(|| a.policy.clone());
+    let policies: Vec<Policy> = names
+        .split(',')
+        .map(|p| {
+            Policy::parse(p.trim()).ok_or_else(|| {
+                let all: Vec<&str> = Policy::ALL.iter().map(|p| p.as_str()).collect();
+                anyhow::anyhow!("unknown policy {p:?}; use one of {}", all.join(", "))
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    // Workers as `tokenfab worker` runs them, with room to queue a whole trace.
+    let engine = tokenfab_engine::EngineConfig {
+        max_running: 64,
+        max_waiting: 1 << 20,
+        max_waiting_tokens: u64::MAX >> 1,
+        ..Default::default()
+    };
+    let reports: Vec<Report> = policies
+        .iter()
+        .map(|&policy| {
+            simulate(
+                &trace,
+                &SimConfig {
+                    workers: workers.clone(),
+                    policy,
+                    engine: engine.clone(),
+                    slo: tokenfab_sched::Slo {
+                        ttft: a.slo_ttft_ms.map(Nanos::from_millis),
+                        tpot: a.slo_tpot_ms.map(Nanos::from_millis),
+                    },
+                    seed: a.seed,
+                },
+            )
+        })
+        .collect();
+    if a.json {
+        for r in &reports {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{} requests on {} workers ({})",
+        trace.len(),
+        workers.len(),
+        a.workers
+    );
+    println!(
+        "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "policy",
+        "ttft p50",
+        "ttft p99",
+        "tpot p50",
+        "tpot p99",
+        "e2e p99",
+        "hit %",
+        "preempt",
+        "tok/s",
+        "goodput",
+        "$/M out"
+    );
+    for r in &reports {
+        println!(
+            "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>8} {:>8} {:>9.1} {:>8.3} {:>9.4}",
+            r.policy,
+            r.ttft_ms.p50,
+            r.ttft_ms.p99,
+            r.tpot_ms.p50,
+            r.tpot_ms.p99,
+            r.e2e_ms.p99,
+            r.prefix_hit_rate * 100.0,
+            r.preemptions,
+            r.rejected,
+            r.output_tok_per_s,
+            r.slo_attainment,
+            r.usd_per_m_output_tokens
+        );
+    }
+    println!("(ms; refused = turned away by the engines' SLO admission; goodput = share of completed requests meeting the SLO; $/M out = accelerator cost per million output tokens)");
+    Ok(())
+}

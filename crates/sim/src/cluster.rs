@@ -1,0 +1,431 @@
+//! The cluster simulator: a trace replayed on many workers in virtual time, by the
+//! production code. Each worker is the real `sched::Scheduler` (queue, step planner, KV
+//! blocks and prefix cache, admission) whose steps take what its [`StepProfile`] says;
+//! requests are placed by the real `sched::route::Router`. This file is only the driver:
+//! a discrete-event loop (arrivals, step ends) on a virtual clock — no policy of its own,
+//! no wall clock, no randomness beyond the seed.
+
+use crate::profile::StepProfile;
+use crate::trace::TraceRequest;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use tokenfab_engine::{EngineConfig, ExecutorCapacity};
+use tokenfab_sched::route::{Policy, RouteRequest, Router, WorkerLoad};
+use tokenfab_sched::{prefix_hashes, Band, Ended, SchedRequest, Scheduler, Slo, StepResult, Work};
+use tokenfab_types::{Nanos, RequestId, TenantId, TokenId, Tokens};
+
+/// One simulated worker: an accelerator running one model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimWorker {
+    /// What it is, e.g. `h100:llama3-8b` (for reports).
+    pub kind: String,
+    pub profile: StepProfile,
+    pub kv_tokens: u64,
+    pub slots: u32,
+    pub usd_per_hour: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    pub workers: Vec<SimWorker>,
+    pub policy: Policy,
+    /// The engine settings every worker runs with (as `tokenfab worker` would).
+    pub engine: EngineConfig,
+    pub slo: Slo,
+    pub seed: u64,
+}
+
+/// Percentiles, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Pcts {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+fn pcts(mut xs: Vec<f64>) -> Pcts {
+    if xs.is_empty() {
+        return Pcts::default();
+    }
+    xs.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        let k = ((p / 100.0) * (xs.len() - 1) as f64).round() as usize;
+        (xs[k.min(xs.len() - 1)] * 1000.0).round() / 1000.0
+    };
+    Pcts {
+        p50: at(50.0),
+        p90: at(90.0),
+        p99: at(99.0),
+    }
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub policy: String,
+    pub workers: usize,
+    pub requests: usize,
+    pub completed: usize,
+    pub rejected: usize,
+    pub ttft_ms: Pcts,
+    /// Time per output token after the first.
+    pub tpot_ms: Pcts,
+    pub e2e_ms: Pcts,
+    /// Completed requests that met every SLO given, per second of the run.
+    pub goodput_rps: f64,
+    /// Fraction of completed requests meeting the SLO (1.0 without one).
+    pub slo_attainment: f64,
+    pub output_tok_per_s: f64,
+    pub prefix_hit_rate: f64,
+    pub preemptions: u64,
+    /// Accelerator cost of the run per million output tokens.
+    pub usd_per_m_output_tokens: f64,
+    pub makespan_s: f64,
+    /// Requests per worker (load balance).
+    pub per_worker: Vec<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Arrival(usize),
+    StepDone(usize),
+}
+
+/// A request's life as seen from outside.
+#[derive(Clone, Copy, Debug, Default)]
+struct Life {
+    worker: usize,
+    first: Option<Nanos>,
+    end: Option<Nanos>,
+    tokens: u64,
+    rejected: bool,
+    uncached: u64,
+}
+
+struct Worker {
+    sched: Scheduler,
+    busy: bool,
+    /// The work of the step under way.
+    work: Vec<Work>,
+    step_time: Nanos,
+    load: WorkerLoad,
+    served: u64,
+}
+
+/// Replay `trace` on the cluster of `cfg`.
+pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
+    let block_tokens = cfg.engine.block_tokens.max(1);
+    let mut workers: Vec<Worker> = cfg
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let cap = ExecutorCapacity {
+                slots: w.slots,
+                kv_tokens: w.kv_tokens,
+                max_seq_tokens: w.kv_tokens,
+                max_batch_tokens: cfg.engine.max_step_tokens,
+            };
+            Worker {
+                sched: Scheduler::new(cfg.engine.sched_config(&cap)),
+                busy: false,
+                work: Vec::new(),
+                step_time: Nanos(0),
+                load: WorkerLoad {
+                    id: i as u64,
+                    prefill_ns_per_token: w.profile.per_token.0.max(1),
+                    decode_ns_per_seq: w.profile.per_seq.0 + w.profile.per_token.0,
+                    price_nano_usd_per_hour: (w.usd_per_hour * 1e9) as u64,
+                    ..WorkerLoad::default()
+                },
+                served: 0,
+            }
+        })
+        .collect();
+    let mut router = Router::new(cfg.policy, 1 << 20, u64::from(block_tokens));
+    let mut lives = vec![Life::default(); trace.len()];
+    let mut events: BinaryHeap<Reverse<(Nanos, u64, Event)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    for (i, r) in trace.iter().enumerate() {
+        events.push(Reverse((r.arrival, seq, Event::Arrival(i))));
+        seq += 1;
+    }
+    let tenant = TenantId("sim".into());
+    let scope = format!("tenant:{tenant}");
+    let mut now = Nanos(0);
+    while let Some(Reverse((t, _, ev))) = events.pop() {
+        now = t;
+        let w = match ev {
+            Event::Arrival(i) => {
+                let r = &trace[i];
+                let blocks = prefix_hashes(&scope, &prompt_tokens(r, i, cfg.seed), block_tokens);
+                let loads: Vec<WorkerLoad> = workers.iter().map(|w| w.load.clone()).collect();
+                let route = RouteRequest {
+                    blocks: &blocks,
+                    prompt_tokens: r.input_tokens,
+                    max_tokens: r.output_tokens.max(1),
+                    session: None,
+                    ttft_slo: cfg.slo.ttft,
+                };
+                let Some(d) = router.route(&route, &loads) else {
+                    lives[i].rejected = true;
+                    continue;
+                };
+                router.record_sent(loads[d.chosen].id, &blocks);
+                let w = d.chosen;
+                let uncached = d.scores[w].uncached_tokens;
+                let req = SchedRequest {
+                    id: RequestId(i as u64 + 1),
+                    tenant: tenant.clone(),
+                    band: Band::Standard,
+                    weight: 1,
+                    prompt: Tokens(r.input_tokens.max(1)),
+                    max_new: Tokens(r.output_tokens.max(1)),
+                    arrival: now,
+                    slo: cfg.slo,
+                    block_hashes: blocks,
+                };
+                lives[i].worker = w;
+                match workers[w].sched.admit(now, req) {
+                    Ok(shed) => {
+                        let l = &mut workers[w].load;
+                        l.outstanding_requests += 1;
+                        l.queued_prefill_tokens += uncached;
+                        l.outstanding_decode_tokens += r.output_tokens.max(1);
+                        lives[i].uncached = uncached;
+                        workers[w].served += 1;
+                        for e in shed {
+                            end(&mut lives, &mut workers[w], e, now, trace);
+                        }
+                    }
+                    Err(_) => lives[i].rejected = true,
+                }
+                w
+            }
+            Event::StepDone(w) => {
+                let wk = &mut workers[w];
+                let work = std::mem::take(&mut wk.work);
+                let mut result = StepResult {
+                    sampled: Vec::with_capacity(work.len()),
+                    elapsed: wk.step_time,
+                };
+                for x in work.iter().filter(|x| x.sample) {
+                    // Timing-model tokens never end a generation; the length limit does.
+                    result.sampled.push((x.id, false));
+                    let i = (x.id.0 - 1) as usize;
+                    let life = &mut lives[i];
+                    if life.first.is_none() {
+                        life.first = Some(now);
+                        wk.load.queued_prefill_tokens =
+                            wk.load.queued_prefill_tokens.saturating_sub(life.uncached);
+                    }
+                    life.tokens += 1;
+                    wk.load.outstanding_decode_tokens =
+                        wk.load.outstanding_decode_tokens.saturating_sub(1);
+                }
+                wk.busy = false;
+                for e in wk.sched.complete(now, &result) {
+                    end(&mut lives, wk, e, now, trace);
+                }
+                w
+            }
+        };
+        if !workers[w].busy {
+            if let Some(done) = start_step(&mut workers[w], now, &cfg.workers[w].profile) {
+                events.push(Reverse((done, seq, Event::StepDone(w))));
+                seq += 1;
+            }
+        }
+    }
+    report(trace, cfg, &lives, &workers, now)
+}
+
+/// Plan the worker's next step; when it has work, the time the step ends.
+fn start_step(w: &mut Worker, now: Nanos, profile: &StepProfile) -> Option<Nanos> {
+    // A plan may only release or trim (finished sequences, evictions): plan again.
+    for _ in 0..8 {
+        let plan = w.sched.plan(now);
+        if !plan.work.is_empty() {
+            let t = profile.step_time(plan.tokens(), plan.work.len() as u64);
+            w.step_time = t;
+            w.work = plan.work;
+            w.busy = true;
+            return Some(Nanos(now.0 + t.0.max(1)));
+        }
+        if plan.is_empty() {
+            return None;
+        }
+    }
+    None
+}
+
+fn end(lives: &mut [Life], w: &mut Worker, e: Ended, now: Nanos, trace: &[TraceRequest]) {
+    let i = (e.id().0 - 1) as usize;
+    let life = &mut lives[i];
+    match e {
+        Ended::Finished { .. } => life.end = Some(now),
+        Ended::Shed { .. } => life.rejected = true,
+    }
+    let l = &mut w.load;
+    l.outstanding_requests = l.outstanding_requests.saturating_sub(1);
+    if life.first.is_none() {
+        l.queued_prefill_tokens = l.queued_prefill_tokens.saturating_sub(life.uncached);
+    }
+    let left = trace[i].output_tokens.max(1).saturating_sub(life.tokens);
+    l.outstanding_decode_tokens = l.outstanding_decode_tokens.saturating_sub(left);
+}
+
+/// Token ids for a request's prompt: each trace block id always gives the same tokens,
+/// so prompts sharing leading block ids share a prefix; without block ids the prompt is
+/// the request's own.
+fn prompt_tokens(r: &TraceRequest, i: usize, seed: u64) -> Vec<TokenId> {
+    let n = r.input_tokens.max(1) as usize;
+    let mut out = Vec::with_capacity(n);
+    let mix = |a: u64, b: u64| {
+        let mut h = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 29;
+        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        TokenId((h >> 33) as i32)
+    };
+    for &b in &r.blocks {
+        for k in 0..r.block_tokens {
+            if out.len() == n {
+                return out;
+            }
+            out.push(mix(b ^ 0x5bd1_e995, k));
+        }
+    }
+    let own = seed ^ ((i as u64) << 20) ^ 0xa5a5_a5a5;
+    while out.len() < n {
+        out.push(mix(own, out.len() as u64));
+    }
+    out
+}
+
+fn report(
+    trace: &[TraceRequest],
+    cfg: &SimConfig,
+    lives: &[Life],
+    workers: &[Worker],
+    end: Nanos,
+) -> Report {
+    let ms = |a: Nanos, b: Nanos| (b.0.saturating_sub(a.0)) as f64 / 1e6;
+    let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+    let mut good = 0usize;
+    let mut out_tokens = 0u64;
+    for (r, l) in trace.iter().zip(lives) {
+        let (Some(first), Some(done)) = (l.first, l.end) else {
+            continue;
+        };
+        let t = ms(r.arrival, first);
+        let per = if l.tokens > 1 {
+            ms(first, done) / (l.tokens - 1) as f64
+        } else {
+            0.0
+        };
+        ttft.push(t);
+        tpot.push(per);
+        e2e.push(ms(r.arrival, done));
+        out_tokens += l.tokens;
+        let ok_ttft = cfg.slo.ttft.is_none_or(|s| t <= s.0 as f64 / 1e6);
+        let ok_tpot = cfg.slo.tpot.is_none_or(|s| per <= s.0 as f64 / 1e6);
+        good += usize::from(ok_ttft && ok_tpot);
+    }
+    let completed = ttft.len();
+    let secs = (end.0 as f64 / 1e9).max(1e-9);
+    let (hits, queries, preemptions) = workers.iter().fold((0, 0, 0), |a, w| {
+        let s = w.sched.stats();
+        (
+            a.0 + s.prefix_hit_tokens,
+            a.1 + s.prefix_query_tokens,
+            a.2 + s.preemptions,
+        )
+    });
+    let usd_per_s: f64 = cfg.workers.iter().map(|w| w.usd_per_hour / 3600.0).sum();
+    let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
+    Report {
+        policy: cfg.policy.as_str().to_owned(),
+        workers: cfg.workers.len(),
+        requests: trace.len(),
+        completed,
+        rejected: lives.iter().filter(|l| l.rejected).count(),
+        ttft_ms: pcts(ttft),
+        tpot_ms: pcts(tpot),
+        e2e_ms: pcts(e2e),
+        goodput_rps: round(good as f64 / secs, 3),
+        slo_attainment: round(good as f64 / completed.max(1) as f64, 4),
+        output_tok_per_s: round(out_tokens as f64 / secs, 1),
+        prefix_hit_rate: round(hits as f64 / queries.max(1) as f64, 4),
+        preemptions,
+        usd_per_m_output_tokens: round(usd_per_s * secs / (out_tokens.max(1) as f64 / 1e6), 4),
+        makespan_s: round(secs, 3),
+        per_worker: workers.iter().map(|w| w.served).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace() -> Vec<TraceRequest> {
+        // 3 prompt groups (so round-robin over 4 workers mixes them), 40 requests 20 ms
+        // apart, sharing 3 of 4 blocks within a group.
+        (0..40u64)
+            .map(|i| TraceRequest {
+                arrival: Nanos::from_millis(i * 20),
+                input_tokens: 2048,
+                output_tokens: 16,
+                blocks: vec![i % 3 * 100, i % 3 * 100 + 1, i % 3 * 100 + 2, 10_000 + i],
+                block_tokens: 512,
+            })
+            .collect()
+    }
+
+    fn config(policy: Policy) -> SimConfig {
+        let worker = SimWorker {
+            kind: "test".into(),
+            profile: StepProfile {
+                base: Nanos::from_millis(5),
+                per_token: Nanos(50_000),
+                per_seq: Nanos(100_000),
+            },
+            kv_tokens: 65_536,
+            slots: 64,
+            usd_per_hour: 2.0,
+        };
+        SimConfig {
+            workers: vec![worker; 4],
+            policy,
+            engine: EngineConfig::default(),
+            slo: Slo::default(),
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn every_request_ends_and_the_report_is_reproducible() {
+        let a = simulate(&trace(), &config(Policy::PrefixLoad));
+        assert_eq!(a.completed, 40, "{a:?}");
+        assert_eq!(a.rejected, 0);
+        assert_eq!(a.per_worker.iter().sum::<u64>(), 40);
+        let b = simulate(&trace(), &config(Policy::PrefixLoad));
+        assert_eq!(
+            serde_json::to_string(&a).expect("json"),
+            serde_json::to_string(&b).expect("json"),
+            "same trace, same seed: the same report"
+        );
+    }
+
+    #[test]
+    fn prefix_aware_routing_hits_the_cache_more_than_round_robin() {
+        let pl = simulate(&trace(), &config(Policy::PrefixLoad));
+        let rr = simulate(&trace(), &config(Policy::RoundRobin));
+        assert!(
+            pl.prefix_hit_rate > rr.prefix_hit_rate,
+            "prefix-load {} vs round-robin {}",
+            pl.prefix_hit_rate,
+            rr.prefix_hit_rate
+        );
+        assert!(pl.ttft_ms.p50 <= rr.ttft_ms.p50, "{pl:?} {rr:?}");
+    }
+}
