@@ -484,7 +484,7 @@ async fn each_request_is_one_otlp_trace_under_the_clients_traceparent() {
             .cloned()
             .collect();
         let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-        if ["admission", "prefill", "decode", "settle"]
+        if ["admission", "queue", "prefill", "decode", "settle"]
             .iter()
             .all(|n| names.contains(n))
             && spans.iter().any(|s| s.parent == parent)
@@ -524,7 +524,7 @@ async fn each_request_is_one_otlp_trace_under_the_clients_traceparent() {
         "{a:?}"
     );
     let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-    for phase in ["admission", "prefill", "decode", "settle"] {
+    for phase in ["admission", "queue", "prefill", "decode", "settle"] {
         assert!(names.contains(phase), "span {phase} missing: {names:?}");
     }
 }

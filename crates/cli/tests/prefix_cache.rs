@@ -61,7 +61,7 @@ async fn cached_tokens(
         .expect("submit");
     loop {
         match g.next().await.expect("event") {
-            Event::Token(_) => {}
+            Event::Scheduled | Event::Token(_) => {}
             Event::Finished { usage, .. } => return usage.cached_tokens,
             Event::Failed(e) => panic!("generation failed: {e}"),
         }

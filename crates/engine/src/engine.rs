@@ -213,6 +213,7 @@ struct Active {
     band: Band,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    scheduled: bool,
 }
 
 struct Loop<E> {
@@ -324,6 +325,7 @@ impl<E: Executor> Loop<E> {
                         band: req.band,
                         first_token: None,
                         last_token: None,
+                        scheduled: false,
                     },
                 );
                 self.ended(shed);
@@ -363,7 +365,11 @@ impl<E: Executor> Loop<E> {
             self.exec.trim(*slot, *from);
         }
         for (id, slot) in &plan.start {
-            if let Some(a) = self.active.get(id) {
+            if let Some(a) = self.active.get_mut(id) {
+                if !a.scheduled {
+                    a.scheduled = true;
+                    let _ = a.tx.send(Event::Scheduled);
+                }
                 if a.first_token.is_none() {
                     let waited = a.arrived.elapsed().as_secs_f64();
                     self.metrics.queue_time.observe(waited);

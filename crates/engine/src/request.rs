@@ -29,11 +29,17 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
-/// What a generation emits, in order: tokens, then exactly one `Finished` or `Failed`.
+/// What a generation emits, in order: `Scheduled` (once, when it first runs), tokens,
+/// then exactly one `Finished` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
+    /// The request left the queue: its first step is planned (for the `queue` span).
+    Scheduled,
     Token(TokenId),
-    Finished { reason: FinishReason, usage: Usage },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
     Failed(EngineError),
 }
 

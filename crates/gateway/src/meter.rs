@@ -124,6 +124,13 @@ impl Meter {
         Ok(())
     }
 
+    /// The request left the engine's queue (for its trace's phases).
+    pub fn scheduled(&mut self) {
+        if let Some(t) = &mut self.timer {
+            t.scheduled();
+        }
+    }
+
     /// A piece of text is about to be released (for the latency series).
     pub fn piece(&mut self) {
         if let Some(t) = &mut self.timer {

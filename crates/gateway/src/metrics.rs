@@ -164,14 +164,14 @@ impl GatewayMetrics {
 
     /// Start timing a generation request whose span (`trace.rs`) is `span`.
     pub(crate) fn request(&self, model: &str, band: Band, span: tracing::Span) -> RequestTimer {
-        let phase =
-            tracing::info_span!(parent: &span, "prefill", note = "admission and queueing included");
+        let phase = tracing::info_span!(parent: &span, "queue");
         RequestTimer {
             metrics: self.enabled.then(|| self.clone()),
             model: model.to_owned(),
             band,
             started: Instant::now(),
             last_piece: None,
+            scheduled: false,
             span,
             phase,
         }
@@ -180,14 +180,15 @@ impl GatewayMetrics {
 
 /// One generation request's timings, recorded as it goes, and its trace: the request span
 /// (kept open until the request is settled, also for streams that outlive their handler)
-/// and the current phase under it — `prefill` (queueing included) until the first text,
-/// then `decode`.
+/// and the current phase under it: `queue` (admission, routing and the engine's queue)
+/// until the engine first schedules it, `prefill` until the first text, then `decode`.
 pub(crate) struct RequestTimer {
     metrics: Option<GatewayMetrics>,
     model: String,
     band: Band,
     started: Instant,
     last_piece: Option<Instant>,
+    scheduled: bool,
     span: tracing::Span,
     phase: tracing::Span,
 }
@@ -196,6 +197,14 @@ impl RequestTimer {
     /// A span for the ledger settlement, under the request's span.
     pub(crate) fn settle_span(&self) -> tracing::Span {
         tracing::info_span!(parent: &self.span, "settle")
+    }
+
+    /// The engine took the request out of its queue.
+    pub(crate) fn scheduled(&mut self) {
+        if !self.scheduled && self.last_piece.is_none() {
+            self.scheduled = true;
+            self.phase = tracing::info_span!(parent: &self.span, "prefill");
+        }
     }
 
     /// A piece of text is about to be released.

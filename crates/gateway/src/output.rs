@@ -110,9 +110,12 @@ impl TextOutput {
         stream: RemoteStream,
         stops: Vec<String>,
         prompt_tokens: u64,
-        meter: Meter,
+        mut meter: Meter,
         streaming: bool,
     ) -> Self {
+        // The worker has it: its own trace (continued through `traceparent`) shows its
+        // queueing; here the request is past the gateway's queue.
+        meter.scheduled();
         Self::new(
             Source::Remote(stream),
             stops,
@@ -324,6 +327,7 @@ impl TextOutput {
 
     fn on_event(&mut self, event: Option<Event>) {
         match event {
+            Some(Event::Scheduled) => self.meter.scheduled(),
             Some(Event::Token(t)) => {
                 self.count_token();
                 let text = match &mut self.source {
