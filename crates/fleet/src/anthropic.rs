@@ -28,13 +28,12 @@ pub fn request(openai: &Value, model: &str, stream: bool) -> Value {
         };
         messages.push(json!({"role": "user", "content": text}));
     }
-    let mut out = json!({
-        "model": model,
-        "messages": messages,
-        "max_tokens": openai.get("max_tokens").cloned().unwrap_or(json!(4096)),
-        "stream": stream,
-    });
-    let o = out.as_object_mut().expect("object literal");
+    let mut o = serde_json::Map::new();
+    o.insert("model".into(), model.into());
+    o.insert("messages".into(), Value::Array(messages));
+    let max_tokens = openai.get("max_tokens").cloned().unwrap_or(json!(4096));
+    o.insert("max_tokens".into(), max_tokens);
+    o.insert("stream".into(), stream.into());
     if !system.is_empty() {
         o.insert("system".into(), system.join("\n\n").into());
     }
@@ -52,7 +51,7 @@ pub fn request(openai: &Value, model: &str, stream: bool) -> Value {
         }
         _ => {}
     }
-    out
+    Value::Object(o)
 }
 
 fn content_text(c: Option<&Value>) -> String {

@@ -252,7 +252,7 @@ impl Attempts<'_> {
                         Ok(stream) => TextOutput::remote(
                             stream,
                             r.job.spec.stop.clone(),
-                            r.prompt_tokens,
+                            r.billed_prompt_estimate(),
                             meter,
                             r.job.spec.stream,
                         )
@@ -342,6 +342,17 @@ pub struct Collected {
 }
 
 impl Run<'_> {
+    /// The prompt tokens billed for a remote request cut short before its worker reported
+    /// usage: exact when this process runs the same model, else its bytes at ~4 per token
+    /// (English BPE). The reservation holds the bytes, an upper bound.
+    fn billed_prompt_estimate(&self) -> u64 {
+        if self.s.engine.is_some() && self.model == self.s.model && self.job.tokens.is_some() {
+            self.prompt_tokens
+        } else {
+            self.prompt_tokens.div_ceil(4)
+        }
+    }
+
     /// Submit to this process's engine; a refusal hands the meter back unsettled.
     fn local(&self, meter: Meter) -> Result<TextOutput, Box<(Meter, ApiError)>> {
         let (Some(engine), Some(tokens)) = (&self.s.engine, &self.job.tokens) else {
