@@ -55,15 +55,8 @@ pub struct BenchArgs {
     /// per token; `max_tokens` is the trace's output length, at most --max-tokens.
     #[arg(long, conflicts_with_all = ["concurrency", "rate"])]
     trace: Option<std::path::PathBuf>,
-    /// Trace replay: multiply arrival times (0.1 = ten times faster).
-    #[arg(long, default_value_t = 1.0)]
-    time_scale: f64,
-    /// Trace replay: multiply prompt lengths (to fit a small model's context).
-    #[arg(long, default_value_t = 1.0)]
-    length_scale: f64,
-    /// Trace replay: only the first N requests (0: all).
-    #[arg(long, default_value_t = 0)]
-    limit: usize,
+    #[command(flatten)]
+    replay: crate::sim::Replay,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -262,11 +255,7 @@ fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
 
 /// The requests of a trace, as chat requests at their arrival times.
 fn trace_jobs(a: &BenchArgs, path: &std::path::Path, model: &str) -> anyhow::Result<Vec<Job>> {
-    let mut reqs = tokenfab_sim::trace::read(path)?;
-    if a.limit > 0 {
-        reqs.truncate(a.limit);
-    }
-    tokenfab_sim::trace::scale(&mut reqs, a.time_scale, a.length_scale);
+    let reqs = a.replay.read(path)?;
     let block_text = |id: u64, words_in: u64| -> String {
         let mut rng = rand::rngs::StdRng::seed_from_u64(id ^ 0x5eed);
         words(words_in as usize, &mut rng)

@@ -5,6 +5,7 @@
 use clap::Args;
 use tokenfab_sched::route::Policy;
 use tokenfab_sim::cluster::{simulate, Report, SimConfig, SimWorker};
+use tokenfab_sim::trace::TraceRequest;
 use tokenfab_sim::{accelerators, StepProfile};
 use tokenfab_types::Nanos;
 
@@ -32,18 +33,37 @@ pub struct SimArgs {
     /// Time-per-output-token target, ms.
     #[arg(long)]
     slo_tpot_ms: Option<u64>,
-    /// Multiply arrival times (0.5 = twice the rate).
-    #[arg(long, default_value_t = 1.0)]
-    time_scale: f64,
-    /// Multiply prompt lengths.
-    #[arg(long, default_value_t = 1.0)]
-    length_scale: f64,
-    /// Only the first N requests (0: all).
-    #[arg(long, default_value_t = 0)]
-    limit: usize,
+    #[command(flatten)]
+    replay: Replay,
     /// One JSON object per policy instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// How a trace is replayed (`sim`, and `bench --trace`).
+#[derive(Args, Clone, Debug)]
+pub struct Replay {
+    /// Multiply arrival times (0.1 = ten times the rate).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Multiply prompt lengths (to fit a small model's context).
+    #[arg(long, default_value_t = 1.0)]
+    pub length_scale: f64,
+    /// Only the first N requests of the trace (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+}
+
+impl Replay {
+    /// The trace at `path`, cut and scaled.
+    pub fn read(&self, path: &std::path::Path) -> anyhow::Result<Vec<TraceRequest>> {
+        let mut trace = tokenfab_sim::trace::read(path)?;
+        if self.limit > 0 {
+            trace.truncate(self.limit);
+        }
+        tokenfab_sim::trace::scale(&mut trace, self.time_scale, self.length_scale);
+        Ok(trace)
+    }
 }
 
 /// `PROFILE=COUNT,...` → workers.
@@ -80,11 +100,7 @@ pub fn parse_workers(spec: &str) -> anyhow::Result<Vec<SimWorker>> {
 }
 
 pub fn run(a: SimArgs) -> anyhow::Result<()> {
-    let mut trace = tokenfab_sim::trace::read(&a.trace)?;
-    if a.limit > 0 {
-        trace.truncate(a.limit);
-    }
-    tokenfab_sim::trace::scale(&mut trace, a.time_scale, a.length_scale);
+    let trace = a.replay.read(&a.trace)?;
     let workers = parse_workers(&a.workers)?;
     let names = a.compare.clone().unwrap_or_else(|| a.policy.clone());
     let policies: Vec<Policy> = names

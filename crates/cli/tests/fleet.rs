@@ -455,14 +455,7 @@ async fn messages_api() -> String {
         .into_response()
     }
     let app = axum::Router::new().route("/v1/messages", axum::routing::post(messages));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}")
+    common::serve_router(app).await
 }
 
 /// An in-process mock worker (as `tokenfab worker --mock`).

@@ -420,14 +420,7 @@ async fn otlp_receiver() -> (String, Received) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (format!("http://{addr}"), got)
+    (common::serve_router(app).await, got)
 }
 
 /// One trace per request, exported over OTLP to a real receiver: the client's
@@ -438,10 +431,7 @@ async fn otlp_receiver() -> (String, Received) {
 async fn each_request_is_one_otlp_trace_under_the_clients_traceparent() {
     let (collector, received) = otlp_receiver().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
+    let port = common::free_port();
     let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenfab"))
         .args(["serve", "--mock", "linear:1:100", "--ledger", "memory"])

@@ -222,3 +222,15 @@ pub async fn spawn(args: &[&str], port: u16, log: &std::path::Path) -> Server {
     }
     panic!("tokenfab {args:?} did not come up on {}", server.url);
 }
+
+/// Serve `app` on a free local port (stand-ins for outside services); its base URL.
+pub async fn serve_router(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
