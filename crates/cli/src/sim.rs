@@ -12,8 +12,16 @@ use tokenfab_types::Nanos;
 #[derive(Args, Clone, Debug)]
 pub struct SimArgs {
     /// Trace to replay (Azure CSV, Mooncake or ShareGPT JSONL).
+    #[arg(
+        long,
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
+    trace: Option<std::path::PathBuf>,
+    /// A generated trace instead: `poisson:RATE:COUNT:PROMPT:OUTPUT[:GROUPS:SHARED]` or
+    /// `gamma:RATE:CV:COUNT:PROMPT:OUTPUT[:GROUPS:SHARED]` (seeded by --seed).
     #[arg(long)]
-    trace: std::path::PathBuf,
+    synthetic: Option<String>,
     /// The fleet: `PROFILE=COUNT[,PROFILE=COUNT...]`, a profile being a name from the
     /// profile file (cpu:smollm2-135m, h100:llama2-70b, a100:llama2-70b) or
     /// `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]`.
@@ -100,7 +108,18 @@ pub fn parse_workers(spec: &str) -> anyhow::Result<Vec<SimWorker>> {
 }
 
 pub fn run(a: SimArgs) -> anyhow::Result<()> {
-    let trace = a.replay.read(&a.trace)?;
+    let trace = match (&a.trace, &a.synthetic) {
+        (Some(path), _) => a.replay.read(path)?,
+        (None, Some(spec)) => {
+            let mut t = tokenfab_sim::trace::synthetic(spec, a.seed)?;
+            if a.replay.limit > 0 {
+                t.truncate(a.replay.limit);
+            }
+            tokenfab_sim::trace::scale(&mut t, a.replay.time_scale, a.replay.length_scale);
+            t
+        }
+        (None, None) => anyhow::bail!("give --trace FILE or --synthetic SPEC"),
+    };
     let workers = parse_workers(&a.workers)?;
     let names = a.compare.clone().unwrap_or_else(|| a.policy.clone());
     let policies: Vec<Policy> = names
@@ -119,6 +138,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         max_waiting_tokens: u64::MAX >> 1,
         ..Default::default()
     };
+    let started = std::time::Instant::now();
     let reports: Vec<Report> = policies
         .iter()
         .map(|&policy| {
@@ -137,6 +157,14 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
+    // Wall time is the simulator's speed, not part of the (deterministic) report.
+    let wall = started.elapsed().as_secs_f64();
+    let events: u64 = reports.iter().map(|r| r.events).sum();
+    eprintln!(
+        "simulated {events} events in {wall:.2} s ({:.0} events/s, {:.0} requests/s)",
+        events as f64 / wall.max(1e-9),
+        (trace.len() * reports.len()) as f64 / wall.max(1e-9)
+    );
     if a.json {
         for r in &reports {
             println!("{}", serde_json::to_string(r)?);

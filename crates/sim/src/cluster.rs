@@ -11,8 +11,8 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use tokenfab_engine::{EngineConfig, ExecutorCapacity};
 use tokenfab_sched::route::{Policy, RouteRequest, Router, WorkerLoad};
-use tokenfab_sched::{prefix_hashes, Band, Ended, SchedRequest, Scheduler, Slo, StepResult, Work};
-use tokenfab_types::{Nanos, RequestId, TenantId, TokenId, Tokens};
+use tokenfab_sched::{Band, Ended, SchedRequest, Scheduler, Slo, StepResult, Work};
+use tokenfab_types::{Nanos, RequestId, TenantId, Tokens};
 
 /// One simulated worker: an accelerator running one model.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +83,8 @@ pub struct Report {
     pub makespan_s: f64,
     /// Requests per worker (load balance).
     pub per_worker: Vec<u64>,
+    /// Discrete events processed (arrivals and steps).
+    pub events: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -151,14 +153,15 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
         seq += 1;
     }
     let tenant = TenantId("sim".into());
-    let scope = format!("tenant:{tenant}");
+    let mut events_done = 0u64;
     let mut now = Nanos(0);
     while let Some(Reverse((t, _, ev))) = events.pop() {
         now = t;
+        events_done += 1;
         let w = match ev {
             Event::Arrival(i) => {
                 let r = &trace[i];
-                let blocks = prefix_hashes(&scope, &prompt_tokens(r, i, cfg.seed), block_tokens);
+                let blocks = block_hashes(r, i, cfg.seed, block_tokens);
                 let loads: Vec<WorkerLoad> = workers.iter().map(|w| w.load.clone()).collect();
                 let route = RouteRequest {
                     blocks: &blocks,
@@ -237,7 +240,9 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
             }
         }
     }
-    report(trace, cfg, &lives, &workers, now)
+    let mut r = report(trace, cfg, &lives, &workers, now);
+    r.events = events_done;
+    r
 }
 
 /// Plan the worker's next step; when it has work, the time the step ends.
@@ -275,31 +280,35 @@ fn end(lives: &mut [Life], w: &mut Worker, e: Ended, now: Nanos, trace: &[TraceR
     l.outstanding_decode_tokens = l.outstanding_decode_tokens.saturating_sub(left);
 }
 
-/// Token ids for a request's prompt: each trace block id always gives the same tokens,
-/// so prompts sharing leading block ids share a prefix; without block ids the prompt is
-/// the request's own.
-fn prompt_tokens(r: &TraceRequest, i: usize, seed: u64) -> Vec<TokenId> {
-    let n = r.input_tokens.max(1) as usize;
-    let mut out = Vec::with_capacity(n);
-    let mix = |a: u64, b: u64| {
-        let mut h = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^= h >> 29;
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        TokenId((h >> 33) as i32)
-    };
-    for &b in &r.blocks {
-        for k in 0..r.block_tokens {
-            if out.len() == n {
-                return out;
-            }
-            out.push(mix(b ^ 0x5bd1_e995, k));
-        }
-    }
+/// Chain hashes of a request's prompt blocks (`block` tokens each, full blocks only), as
+/// the engine's prefix index would compute them from the tokens: each trace block id
+/// stands for fixed content, so requests sharing leading block ids share those hashes;
+/// tokens past the trace's blocks are the request's own. Built from ids directly, without
+/// materialising tokens (a Mooncake prompt is ~15k of them).
+fn block_hashes(r: &TraceRequest, i: usize, seed: u64, block: u32) -> Vec<u64> {
+    let block = u64::from(block.max(1));
     let own = seed ^ ((i as u64) << 20) ^ 0xa5a5_a5a5;
-    while out.len() < n {
-        out.push(mix(own, out.len() as u64));
-    }
-    out
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    (0..r.input_tokens.max(1) / block)
+        .map(|j| {
+            // The trace block holding this block's last token (with the chain, that
+            // fixes everything before it too).
+            let last = (j + 1) * block - 1;
+            let src = usize::try_from(last / r.block_tokens.max(1))
+                .ok()
+                .and_then(|k| r.blocks.get(k));
+            let id = src.map_or(own, |b| b ^ 0x5bd1_e995);
+            h = mix(h ^ id, j);
+            h
+        })
+        .collect()
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut h = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^ (h >> 32)
 }
 
 fn report(
@@ -360,6 +369,7 @@ fn report(
         usd_per_m_output_tokens: round(usd_per_s * secs / (out_tokens.max(1) as f64 / 1e6), 4),
         makespan_s: round(secs, 3),
         per_worker: workers.iter().map(|w| w.served).collect(),
+        events: 0,
     }
 }
 

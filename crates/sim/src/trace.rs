@@ -68,6 +68,71 @@ pub fn scale(reqs: &mut [TraceRequest], time_scale: f64, length_scale: f64) {
     }
 }
 
+/// A synthetic trace: `poisson:RATE:COUNT:PROMPT:OUTPUT[:GROUPS:SHARED]` (exponential
+/// gaps at RATE requests/s) or `gamma:RATE:CV:COUNT:PROMPT:OUTPUT[:GROUPS:SHARED]` (gamma
+/// gaps with coefficient of variation CV: bursts when CV > 1). PROMPT and OUTPUT are
+/// token counts; with GROUPS, each request belongs to one of GROUPS prompt groups
+/// sharing their first SHARED tokens. The same spec and seed give the same trace.
+pub fn synthetic(spec: &str, seed: u64) -> Result<Vec<TraceRequest>, TraceError> {
+    use rand::{Rng, SeedableRng};
+    use rand_distr::Distribution;
+    let bad = |why: &str| TraceError::Bad {
+        path: spec.to_owned(),
+        line: 0,
+        why: why.to_owned(),
+    };
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (kind, nums) = parts.split_first().ok_or_else(|| bad("empty spec"))?;
+    let nums: Vec<f64> = nums
+        .iter()
+        .map(|n| n.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("numbers expected"))?;
+    let (rate, cv, rest) = match (*kind, nums.as_slice()) {
+        ("poisson", [rate, rest @ ..]) => (*rate, 1.0, rest),
+        ("gamma", [rate, cv, rest @ ..]) => (*rate, *cv, rest),
+        _ => {
+            return Err(bad(
+                "use poisson:RATE:COUNT:PROMPT:OUTPUT[:GROUPS:SHARED] or gamma:RATE:CV:...",
+            ))
+        }
+    };
+    let (count, prompt, output, groups, shared) = match rest {
+        [c, p, o] => (*c, *p, *o, 0.0, 0.0),
+        [c, p, o, g, sh] => (*c, *p, *o, *g, *sh),
+        _ => return Err(bad("COUNT:PROMPT:OUTPUT[:GROUPS:SHARED] expected")),
+    };
+    if rate <= 0.0 || cv <= 0.0 {
+        return Err(bad("RATE and CV must be positive"));
+    }
+    let shape = 1.0 / (cv * cv);
+    let gaps =
+        rand_distr::Gamma::new(shape, 1.0 / (rate * shape)).map_err(|e| bad(&e.to_string()))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let block = 16u64;
+    let shared_blocks = (shared as u64).min(prompt as u64) / block;
+    let mut t = 0.0f64;
+    Ok((0..count as u64)
+        .map(|_| {
+            let blocks = if groups >= 1.0 {
+                let g = rng.gen_range(0..groups as u64);
+                (0..shared_blocks).map(|b| (g << 32) | b).collect()
+            } else {
+                Vec::new()
+            };
+            let r = TraceRequest {
+                arrival: Nanos((t * 1e9) as u64),
+                input_tokens: (prompt as u64).max(1),
+                output_tokens: (output as u64).max(1),
+                blocks,
+                block_tokens: block,
+            };
+            t += gaps.sample(&mut rng);
+            r
+        })
+        .collect())
+}
+
 type LineResult<T> = Result<T, (usize, String)>;
 
 fn azure(text: &str) -> LineResult<Vec<TraceRequest>> {
@@ -214,6 +279,33 @@ mod tests {
         let r = read(s.path()).expect("sharegpt");
         assert_eq!(r[0].blocks.len(), 2);
         assert_eq!(r[0].arrival, Nanos(0));
+    }
+
+    #[test]
+    fn synthetic_traces_are_seeded_and_shaped() {
+        let a = synthetic("poisson:100:1000:512:32:4:256", 1).expect("spec");
+        assert_eq!(
+            a,
+            synthetic("poisson:100:1000:512:32:4:256", 1).expect("spec")
+        );
+        assert_ne!(
+            a,
+            synthetic("poisson:100:1000:512:32:4:256", 2).expect("spec")
+        );
+        let span = a.last().map_or(0.0, |r| r.arrival.as_secs_f64());
+        assert!(
+            (8.0..12.0).contains(&span),
+            "1000 at 100/s: ~10 s, got {span}"
+        );
+        assert!(a
+            .iter()
+            .all(|r| r.blocks.len() == 16 && r.input_tokens == 512));
+        let groups: std::collections::BTreeSet<u64> = a.iter().map(|r| r.blocks[0]).collect();
+        assert_eq!(groups.len(), 4);
+        let bursty = synthetic("gamma:100:3:1000:64:8", 1).expect("spec");
+        assert_eq!(bursty.len(), 1000);
+        assert!(synthetic("gamma:100:0:10:1:1", 1).is_err());
+        assert!(synthetic("uniform:1:2:3:4", 1).is_err());
     }
 
     #[test]
