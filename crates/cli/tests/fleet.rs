@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{client, free_port, spawn, Server};
+use common::{free_port, spawn, Server};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -57,12 +57,7 @@ struct Reply {
 }
 
 async fn ask(url: &str, body: &Value) -> Reply {
-    let r = client()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .expect("send");
+    let r = common::call(url, None, body, &[]).await;
     let status = r.status().as_u16();
     let worker = r
         .headers()
@@ -95,27 +90,13 @@ async fn ask(url: &str, body: &Value) -> Reply {
 
 /// Value of the sample `series{labels...}` in `/metrics` (0 when absent).
 async fn sample(url: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = common::scrape(url).await;
-    text.lines()
-        .filter(|l| l.starts_with(series) && !l.starts_with('#'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    common::value(&common::scrape(url).await, series, &want)
 }
 
 async fn worker_status(url: &str, name: &str) -> String {
-    let health: Value = client()
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .expect("health")
-        .json()
-        .await
-        .expect("json");
+    let (_, health) = common::get(url, "/health", None).await;
     health["workers"]
         .as_array()
         .and_then(|ws| ws.iter().find(|w| w["name"] == name))
@@ -521,14 +502,7 @@ async fn tiers_aliases_sessions_and_a_translated_anthropic_tier() {
                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]})
     };
 
-    let models: Value = client()
-        .get(format!("{gw}/v1/models"))
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let (_, models) = common::get(&gw, "/v1/models", None).await;
     let mut ids: Vec<&str> = models["data"]
         .as_array()
         .expect("data")

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{call, chat_body, client, config, serve, MODEL};
+use common::{call, chat_body, client, config, get, serve, MODEL};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokenfab::config::{Config, PriceConfig};
@@ -31,16 +31,6 @@ fn prompt_priced(mut c: Config) -> Config {
 
 async fn create_key(url: &str, spec: Value) -> (String, String) {
     common::create_key(url, ADMIN, spec).await
-}
-
-async fn get(url: &str, path: &str, key: Option<&str>) -> (u16, Value) {
-    let mut req = client().get(format!("{url}{path}"));
-    if let Some(k) = key {
-        req = req.bearer_auth(k);
-    }
-    let r = req.send().await.expect("send");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 fn short(extra: Value) -> Value {

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::value;
+
 use common::client;
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -37,18 +39,6 @@ fn exposed(text: &str) -> BTreeSet<String> {
         .filter_map(|l| l.split(' ').next())
         .map(str::to_owned)
         .collect()
-}
-
-/// The value of the series `name` whose labels contain every one of `labels`, summed.
-fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -234,3 +234,27 @@ pub async fn serve_router(app: axum::Router) -> String {
     });
     format!("http://{addr}")
 }
+
+/// GET `path` (with `key` as bearer token, if any): (status, JSON body or null).
+pub async fn get(url: &str, path: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = client().get(format!("{url}{path}"));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// The samples of series `name` whose lines contain every one of `labels`
+/// (`key="value"` strings), summed; 0 when there are none.
+pub fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
