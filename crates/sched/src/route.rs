@@ -145,10 +145,6 @@ impl Router {
         }
     }
 
-    pub fn policy(&self) -> Policy {
-        self.policy
-    }
-
     /// Choose among `candidates` (all eligible: healthy, serving the model, of the
     /// tier being tried). `None` only when there are none.
     pub fn route(&mut self, req: &RouteRequest<'_>, candidates: &[WorkerLoad]) -> Option<Decision> {
