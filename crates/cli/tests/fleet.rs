@@ -16,14 +16,14 @@ async fn mock_worker(dir: &Path, port: u16, profile: &str) -> Server {
     spawn(&["worker", "--port", &p, "--mock", profile], port, &log).await
 }
 
-/// A routing gateway over `workers` (name, port), with `fleet` settings appended to
-/// its config file.
-async fn gateway(dir: &Path, workers: &[(&str, u16)], fleet: &str) -> Server {
+/// A routing-only gateway over `workers` (name, port); `fleet` is added to its `[fleet]`
+/// table and `worker` to every `[[fleet.workers]]` entry.
+async fn gateway(dir: &Path, workers: &[(&str, u16)], fleet: &str, worker: &str) -> Server {
     let mut toml =
         format!("[model]\nname = \"none\"\n[gateway]\nledger = \"memory\"\n[fleet]\n{fleet}\n");
     for (name, port) in workers {
         toml.push_str(&format!(
-            "[[fleet.workers]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}\"\nmodels = [\"mock\"]\n"
+            "[[fleet.workers]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}\"\nmodels = [\"mock\"]\n{worker}\n"
         ));
     }
     let config = dir.join("gateway.toml");
@@ -118,6 +118,7 @@ async fn a_worker_killed_under_load_is_ejected_its_requests_end_correctly_and_it
         dir.path(),
         &named,
         "default_policy = \"round-robin\"\nhealth_interval_ms = 200\neject_base_ms = 500\neject_max_ms = 2000",
+        "",
     )
     .await;
 
@@ -233,7 +234,15 @@ async fn requests_sharing_a_prefix_stay_on_one_worker_while_load_stays_balanced(
         workers.push(mock_worker(dir.path(), p, "linear:2:100").await);
     }
     let named = [("w0", ports[0]), ("w1", ports[1]), ("w2", ports[2])];
-    let gw = gateway(dir.path(), &named, "default_policy = \"prefix-load\"").await;
+    // The workers' real prefill speed, as an operator would configure it: the mock
+    // computes one token per byte at 100 µs, and the router counts ~4 bytes per token.
+    let gw = gateway(
+        dir.path(),
+        &named,
+        "default_policy = \"prefix-load\"",
+        "prefill_tokens_per_s = 2500",
+    )
+    .await;
 
     // 8 groups, each with its own ~2 KB system prompt; 12 requests per group, interleaved,
     // 8 in flight at a time.

@@ -193,7 +193,7 @@ impl Attempts<'_> {
             let pick = Pick {
                 model: &r.model,
                 blocks: &r.blocks,
-                prompt_tokens: r.prompt_tokens,
+                prompt_tokens: r.prompt_estimate(),
                 max_tokens: r.max_new,
                 session: r.session,
                 ttft_slo: r.who.slo.ttft,
@@ -252,7 +252,7 @@ impl Attempts<'_> {
                         Ok(stream) => TextOutput::remote(
                             stream,
                             r.job.spec.stop.clone(),
-                            r.billed_prompt_estimate(),
+                            r.prompt_estimate(),
                             meter,
                             r.job.spec.stream,
                         )
@@ -342,10 +342,11 @@ pub struct Collected {
 }
 
 impl Run<'_> {
-    /// The prompt tokens billed for a remote request cut short before its worker reported
-    /// usage: exact when this process runs the same model, else its bytes at ~4 per token
-    /// (English BPE). The reservation holds the bytes, an upper bound.
-    fn billed_prompt_estimate(&self) -> u64 {
+    /// The prompt's tokens as well as this process can tell: exact when it runs the same
+    /// model, else its bytes at ~4 per token (English BPE). Routing predicts prefill time
+    /// from it, and it is billed for a remote request cut short before its worker reported
+    /// usage (the reservation holds the bytes, an upper bound).
+    fn prompt_estimate(&self) -> u64 {
         if self.s.engine.is_some() && self.model == self.s.model && self.job.tokens.is_some() {
             self.prompt_tokens
         } else {

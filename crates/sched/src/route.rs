@@ -297,7 +297,14 @@ const AFFINITY_SLACK_NS: u64 = 50_000_000;
 /// With a TTFT target: among workers predicted to meet it, the cheapest, then the one
 /// holding most of the prompt, then the soonest. Otherwise (or when none meets it): among
 /// workers predicted within the affinity slack of the soonest, the one holding most of
-/// the prompt, then the cheapest, then the soonest.
+/// the prompt, then the cheapest, then — when several hold the prompt equally — the
+/// prompt's home worker, else the soonest.
+///
+/// The home worker is the rendezvous-hash winner for the prompt's first block. Once a
+/// group's prefix has spilled onto a second worker (its first holder was briefly too
+/// busy), both hold it equally; picking the soonest of them would split the group
+/// between them for good, each copy taking KV. Preferring one fixed holder brings the
+/// group back together as soon as the spill is over.
 fn pick_within_slo(req: &RouteRequest<'_>, c: &[WorkerLoad], s: &[Score]) -> (usize, &'static str) {
     if let Some(slo) = req.ttft_slo {
         let within = (0..c.len())
@@ -318,10 +325,14 @@ fn pick_within_slo(req: &RouteRequest<'_>, c: &[WorkerLoad], s: &[Score]) -> (us
     let chosen = (0..c.len())
         .filter(|&i| s[i].predicted_ttft.0 <= limit)
         .min_by_key(|&i| {
+            let tie = match (s[i].cached_blocks, req.blocks.first()) {
+                (0, _) | (_, None) => s[i].predicted_ttft.0,
+                (_, Some(&first)) => u64::MAX - fnv1a(first, &c[i].id.to_le_bytes()),
+            };
             (
                 std::cmp::Reverse(s[i].cached_blocks),
                 c[i].price_nano_usd_per_hour,
-                s[i].predicted_ttft,
+                tie,
             )
         })
         .unwrap_or(0);
@@ -437,6 +448,33 @@ mod tests {
         };
         let d = r.route(&req, &[worker(1), busy]).expect("decision");
         assert_eq!(d.chosen, 0);
+    }
+
+    #[test]
+    fn a_prefix_held_by_two_workers_returns_to_one_of_them() {
+        let mut r = Router::new(Policy::PrefixLoad, 1000, 16);
+        let blocks = text_block_hashes("t", &[3u8; 64 * 8], 64);
+        r.record_sent(1, &blocks);
+        r.record_sent(2, &blocks);
+        let req = RouteRequest {
+            blocks: &blocks,
+            prompt_tokens: 128,
+            ..RouteRequest::default()
+        };
+        let busy = |id, q| WorkerLoad {
+            queued_prefill_tokens: q,
+            ..worker(id)
+        };
+        // Whichever of the two is a little busier, the same one is chosen.
+        let a = r.route(&req, &[busy(1, 0), busy(2, 100)]).expect("decision");
+        let b = r.route(&req, &[busy(1, 100), busy(2, 0)]).expect("decision");
+        assert_eq!(a.chosen, b.chosen);
+        // Past the slack, load wins again.
+        let home = a.chosen;
+        let mut ws = [busy(1, 0), busy(2, 0)];
+        ws[home].queued_prefill_tokens = 50_000;
+        let c = r.route(&req, &ws).expect("decision");
+        assert_ne!(c.chosen, home);
     }
 
     #[test]
