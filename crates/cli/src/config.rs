@@ -119,7 +119,7 @@ pub struct ModelConfig {
     pub mock: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
     /// Token budget of one engine step (decodes first, then prefill chunks).
@@ -137,6 +137,20 @@ pub struct SchedulerConfig {
     /// Step time to keep while sequences stream (ms); prefill chunks are sized from
     /// measured step times to fit it. 0 = always use the whole step budget.
     pub target_step_ms: u32,
+    /// KV cache shares of named tenants: `[scheduler.tenants.NAME]`.
+    pub tenants: BTreeMap<String, TenantKvConfig>,
+}
+
+/// A tenant's share of the KV cache (fractions of the whole, 0–1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantKvConfig {
+    /// The most the tenant may hold, its prefix-cache entries included (absent: no cap).
+    /// Also its longest sequence: longer prompts are rejected, max_tokens clamped.
+    pub kv_max_share: Option<f64>,
+    /// What the tenant keeps however busy others are: their requests never evict or
+    /// preempt it below this.
+    pub kv_min_share: f64,
 }
 
 impl Default for ServerConfig {
@@ -177,6 +191,7 @@ impl Default for SchedulerConfig {
             max_waiting: e.max_waiting,
             max_waiting_tokens: e.max_waiting_tokens,
             target_step_ms: e.target_step_ms,
+            tenants: BTreeMap::new(),
         }
     }
 }
@@ -240,8 +255,42 @@ impl Config {
         self.model.name == "none" && self.model.mock.is_empty()
     }
 
-    pub fn engine(&self) -> tokenfab_engine::EngineConfig {
-        tokenfab_engine::EngineConfig {
+    pub fn engine(&self) -> anyhow::Result<tokenfab_engine::EngineConfig> {
+        let mut floors = 0.0;
+        let mut kv_shares = BTreeMap::new();
+        for (name, t) in &self.scheduler.tenants {
+            let share = |v: f64, what: &str| {
+                if (0.0..=1.0).contains(&v) {
+                    Ok((v * 1000.0).round() as u32)
+                } else {
+                    anyhow::bail!(
+                        "scheduler.tenants.{name}.{what} = {v}: a share is between 0 and 1"
+                    )
+                }
+            };
+            let max_permille = t
+                .kv_max_share
+                .map(|v| share(v, "kv_max_share"))
+                .transpose()?;
+            let min_permille = share(t.kv_min_share, "kv_min_share")?;
+            if max_permille.is_some_and(|m| m < min_permille) {
+                anyhow::bail!("scheduler.tenants.{name}: kv_min_share exceeds kv_max_share");
+            }
+            floors += t.kv_min_share;
+            let id = tokenfab_types::TenantId(name.clone());
+            kv_shares.insert(
+                id,
+                tokenfab_engine::KvShare {
+                    max_permille,
+                    min_permille,
+                },
+            );
+        }
+        if floors > 1.0 {
+            anyhow::bail!("scheduler.tenants: the kv_min_share values add up to {floors:.2}, more than the whole cache");
+        }
+        Ok(tokenfab_engine::EngineConfig {
+            kv_shares,
             max_step_tokens: self.scheduler.max_step_tokens,
             max_prefill_chunk: self.scheduler.max_prefill_chunk,
             max_running: self.scheduler.max_running,
@@ -249,7 +298,7 @@ impl Config {
             max_waiting: self.scheduler.max_waiting,
             max_waiting_tokens: self.scheduler.max_waiting_tokens,
             target_step_ms: self.scheduler.target_step_ms,
-        }
+        })
     }
 }
 
@@ -283,6 +332,26 @@ mod tests {
             .expect_err("typo must fail")
             .to_string();
         assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn tenant_kv_shares_become_quotas_and_bad_shares_are_errors() {
+        let parse = |t: &str| toml::from_str::<Config>(t).expect("parse").engine();
+        let e = parse("[scheduler.tenants.acme]\nkv_max_share = 0.5\nkv_min_share = 0.1\n")
+            .expect("valid");
+        let share = e.kv_shares[&tokenfab_types::TenantId("acme".into())];
+        assert_eq!((share.max_permille, share.min_permille), (Some(500), 100));
+        for (bad, says) in [
+            ("[scheduler.tenants.a]\nkv_max_share = 1.5\n", "between 0 and 1"),
+            ("[scheduler.tenants.a]\nkv_max_share = 0.1\nkv_min_share = 0.2\n", "exceeds"),
+            (
+                "[scheduler.tenants.a]\nkv_min_share = 0.6\n[scheduler.tenants.b]\nkv_min_share = 0.6\n",
+                "add up to",
+            ),
+        ] {
+            let err = parse(bad).expect_err(bad).to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

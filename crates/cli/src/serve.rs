@@ -84,7 +84,7 @@ pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::
         threads: cfg.model.threads,
     };
     let m = model.clone();
-    let engine = Engine::spawn(cfg.engine(), engine_metrics, move || {
+    let engine = Engine::spawn(cfg.engine()?, engine_metrics, move || {
         LlamaExecutor::new(&m, &exec_cfg).map_err(|e| e.to_string())
     })?;
     let name = model.name().to_owned();
@@ -103,7 +103,7 @@ async fn build_mock(cfg: &Config) -> anyhow::Result<App> {
         max_seq_tokens: u64::from(cfg.model.kv_tokens),
         max_batch_tokens: cfg.scheduler.max_step_tokens,
     };
-    let engine = Engine::spawn(cfg.engine(), engine_metrics, move || {
+    let engine = Engine::spawn(cfg.engine()?, engine_metrics, move || {
         Ok(ModelExecutor::new(spec, capacity))
     })?;
     assemble(

@@ -3,15 +3,15 @@
 use crate::executor::{BatchEntry, Executor, ExecutorCapacity, SamplingParams};
 use crate::metrics::EngineMetrics;
 use crate::request::{Event, GenerateRequest, Generation, Usage};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokenfab_sched::{
-    prefix_hashes, Ended, FinishReason, Rejection, SchedConfig, SchedRequest, SchedSnapshot,
-    Scheduler, StepResult,
+    prefix_hashes, Ended, FinishReason, KvQuota, Rejection, SchedConfig, SchedRequest,
+    SchedSnapshot, Scheduler, StepResult,
 };
-use tokenfab_types::{Band, ErrorCode, Nanos, RequestId, TokenId, Tokens};
+use tokenfab_types::{Band, ErrorCode, Nanos, RequestId, TenantId, TokenId, Tokens};
 use tokio::sync::mpsc;
 
 /// Engine tuning that is not derived from the executor.
@@ -30,6 +30,16 @@ pub struct EngineConfig {
     /// Step time to keep while sequences decode (their inter-token latency); prefill
     /// chunks are sized from measured step times to fit. 0 = no target.
     pub target_step_ms: u32,
+    /// Named tenants' shares of the KV cache.
+    pub kv_shares: BTreeMap<TenantId, KvShare>,
+}
+
+/// A tenant's share of the KV cache, per mille of its blocks: a cap and a floor (see
+/// `tokenfab_sched::KvQuota`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvShare {
+    pub max_permille: Option<u32>,
+    pub min_permille: u32,
 }
 
 impl Default for EngineConfig {
@@ -42,6 +52,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             max_waiting_tokens: 1 << 20,
             target_step_ms: 250,
+            kv_shares: BTreeMap::new(),
         }
     }
 }
@@ -51,10 +62,13 @@ impl EngineConfig {
     /// workers' schedulers the same way).
     pub fn sched_config(&self, cap: &ExecutorCapacity) -> SchedConfig {
         let block_tokens = self.block_tokens.max(1);
+        let kv_blocks = (cap.kv_tokens / u64::from(block_tokens)) as u32;
+        let of =
+            |permille: u32| (u64::from(kv_blocks) * u64::from(permille.min(1000)) / 1000) as u32;
         SchedConfig {
             slots: cap.slots,
             max_running: self.max_running.clamp(1, cap.slots),
-            kv_blocks: (cap.kv_tokens / u64::from(block_tokens)) as u32,
+            kv_blocks,
             block_tokens,
             max_seq_tokens: cap.max_seq_tokens,
             max_step_tokens: self.max_step_tokens.min(cap.max_batch_tokens),
@@ -64,6 +78,17 @@ impl EngineConfig {
             watermark_blocks: 4,
             target_step: (self.target_step_ms > 0)
                 .then(|| Nanos::from_millis(u64::from(self.target_step_ms))),
+            kv_quotas: self
+                .kv_shares
+                .iter()
+                .map(|(t, s)| {
+                    let quota = KvQuota {
+                        max_blocks: s.max_permille.map(of),
+                        min_blocks: of(s.min_permille),
+                    };
+                    (t.clone(), quota)
+                })
+                .collect(),
         }
     }
 }

@@ -12,7 +12,7 @@ mod metrics;
 mod request;
 mod tokenizer;
 
-pub use engine::{Engine, EngineConfig, EngineError};
+pub use engine::{Engine, EngineConfig, EngineError, KvShare};
 pub use executor::{BatchEntry, ExecError, Executor, ExecutorCapacity, Sampled, SamplingParams};
 pub use metrics::EngineMetrics;
 pub use request::{Event, GenerateRequest, Generation, Usage};

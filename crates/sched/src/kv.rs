@@ -15,6 +15,9 @@ struct Block {
     holders: Vec<SeqSlot>,
     /// Chain hash of the block's contents, when it is in the prefix index.
     hash: Option<u64>,
+    /// Who allocated it (a tenant's index, see the scheduler's quotas): its KV is
+    /// charged to them until the block is free again, whoever shares it meanwhile.
+    owner: u32,
 }
 
 /// The block pool and the prefix index over it. The executor's own cache (llama.cpp cells)
@@ -26,6 +29,8 @@ pub struct BlockPool {
     blocks: Vec<Block>,
     free: Vec<BlockId>,
     index: HashMap<u64, BlockId>,
+    /// Blocks in use per owner.
+    owned: Vec<u32>,
 }
 
 impl BlockPool {
@@ -36,6 +41,7 @@ impl BlockPool {
             // Pop from the end: lowest ids first, for readable traces.
             free: (0..total_blocks).rev().map(BlockId).collect(),
             index: HashMap::new(),
+            owned: Vec::new(),
         }
     }
 
@@ -60,11 +66,28 @@ impl BlockPool {
         tokens.div_ceil(u64::from(self.block_tokens)) as u32
     }
 
-    /// Take a free block for `slot`.
-    pub fn allocate(&mut self, slot: SeqSlot) -> Option<BlockId> {
+    /// Take a free block for `slot`, charged to `owner`.
+    pub fn allocate(&mut self, slot: SeqSlot, owner: u32) -> Option<BlockId> {
         let b = self.free.pop()?;
-        self.blocks[b.0 as usize].holders.push(slot);
+        let block = &mut self.blocks[b.0 as usize];
+        block.holders.push(slot);
+        block.owner = owner;
+        let o = owner as usize;
+        if self.owned.len() <= o {
+            self.owned.resize(o + 1, 0);
+        }
+        self.owned[o] += 1;
         Some(b)
+    }
+
+    /// Blocks in use that `owner` allocated.
+    pub fn owned(&self, owner: u32) -> u32 {
+        self.owned.get(owner as usize).copied().unwrap_or(0)
+    }
+
+    /// Who a block in use is charged to.
+    pub fn owner(&self, b: BlockId) -> u32 {
+        self.blocks[b.0 as usize].owner
     }
 
     /// Add `slot` as a holder of an existing block (prefix sharing).
@@ -95,6 +118,7 @@ impl BlockPool {
                     self.index.remove(&h);
                 }
             }
+            self.owned[block.owner as usize] -= 1;
             self.free.push(b);
         }
     }
@@ -169,7 +193,8 @@ mod tests {
     fn allocate_share_release_round_trip() {
         let mut p = BlockPool::new(3, 16);
         let (s0, s1) = (SeqSlot(0), SeqSlot(1));
-        let a = p.allocate(s0).expect("free block");
+        let a = p.allocate(s0, 0).expect("free block");
+        assert_eq!(p.owned(0), 1);
         p.register(a, 42);
         p.share(a, s1);
         assert_eq!(p.refcount(a), 2);
@@ -178,6 +203,7 @@ mod tests {
         assert_eq!(p.lookup(&[42]), vec![a], "still held by s1");
         p.release(a, s1);
         assert_eq!(p.free_count(), 3);
+        assert_eq!(p.owned(0), 0);
         assert!(p.lookup(&[42]).is_empty(), "freed blocks leave the index");
         assert_eq!(p.blocks_for(17), 2);
     }

@@ -21,23 +21,51 @@ impl Scheduler {
             .collect()
     }
 
-    /// A free slot and `blocks` free blocks, evicting cache entries not in `keep`.
-    fn make_room(&mut self, blocks: u32, keep: &[SeqSlot]) -> bool {
-        if self.free_slots.is_empty() && !self.evict_one(keep) {
+    /// A free slot and `blocks` free blocks for `requester`, evicting cache entries not
+    /// in `keep`. Floors guarantee blocks, not executor slots: when only entries of
+    /// tenants at their floor hold slots, one of them gives its slot up.
+    fn make_room(&mut self, blocks: u32, keep: &[SeqSlot], requester: u32) -> bool {
+        if self.free_slots.is_empty()
+            && !self.evict_one(keep, Some(requester))
+            && !self.evict_one(keep, None)
+        {
             return false;
         }
-        self.ensure_free(blocks, keep)
+        self.ensure_free(blocks, keep, requester)
     }
 
-    /// Grow a running sequence's block table to hold `tokens` tokens, evicting cache
-    /// entries (never those in `pinned`) when the pool is short.
+    /// Room to start a sequence of `known` tokens, `reused` of them from the cache: a slot,
+    /// and blocks for the uncached part under the tenant's cap and in the pool — on top of
+    /// what running sequences still need for theirs. Admitting on the first chunk alone
+    /// lets several long prompts start, run the pool dry and preempt each other into
+    /// endless recomputation.
+    fn room_for(&mut self, owner: u32, known: u64, reused: u64, keep: &[SeqSlot]) -> bool {
+        let own = self.blocks.blocks_for(known) - self.blocks.blocks_for(reused);
+        let outstanding: u32 = self
+            .running
+            .iter()
+            .map(|r| {
+                self.blocks
+                    .blocks_for(r.known)
+                    .saturating_sub(r.blocks.len() as u32)
+            })
+            .sum();
+        let need = own + self.cfg.watermark_blocks + outstanding;
+        self.cap_room(owner, own, keep) && self.make_room(need, keep, owner)
+    }
+
+    /// Grow a running sequence's block table to hold `tokens` tokens, within its tenant's
+    /// cap, evicting cache entries (never those in `pinned`) when the pool is short.
     fn reserve(&mut self, i: usize, tokens: u64, pinned: &[SeqSlot]) -> bool {
         let need = self.blocks.blocks_for(tokens) as usize;
         let missing = need.saturating_sub(self.running[i].blocks.len()) as u32;
-        self.ensure_free(missing, pinned);
-        let slot = self.running[i].slot;
+        let (slot, owner) = (self.running[i].slot, self.running[i].owner);
+        if !self.cap_room(owner, missing, pinned) {
+            return false;
+        }
+        self.ensure_free(missing, pinned, owner);
         while self.running[i].blocks.len() < need {
-            match self.blocks.allocate(slot) {
+            match self.blocks.allocate(slot, owner) {
                 Some(b) => self.running[i].blocks.push(b),
                 None => return false,
             }
@@ -45,13 +73,24 @@ impl Scheduler {
         true
     }
 
-    /// The running sequence to preempt first: lowest band, then highest fairness counter,
-    /// then the most recent arrival.
-    fn victim(&self) -> Option<usize> {
-        (0..self.running.len()).max_by_key(|&i| {
-            let r = &self.running[i];
-            (r.req.band, self.fair.counter(&r.req.tenant), r.req.arrival)
-        })
+    /// The running sequence to preempt first so that `requester` can grow: its own when
+    /// it is at its cap, else any not protected by a floor from it; among those the
+    /// lowest band, then the highest fairness counter, then the most recent arrival.
+    fn victim(&self, requester: Option<u32>) -> Option<usize> {
+        let own_only = requester.is_some_and(|o| self.cap_headroom(o) == 0);
+        (0..self.running.len())
+            .filter(|&i| {
+                let o = self.running[i].owner;
+                if own_only {
+                    Some(o) == requester
+                } else {
+                    !self.protected(o, requester)
+                }
+            })
+            .max_by_key(|&i| {
+                let r = &self.running[i];
+                (r.req.band, self.fair.counter(&r.req.tenant), r.req.arrival)
+            })
     }
 
     /// Preempt by recomputation: free the sequence's KV and requeue it with what it has
@@ -164,7 +203,11 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let Some(v) = self.victim() else { break };
+            let Some(v) = self.victim(Some(self.running[i].owner)) else {
+                // Nothing this sequence may displace: it waits for a later step.
+                i += 1;
+                continue;
+            };
             let victim_id = self.running[v].req.id;
             work.retain(|w| w.id != victim_id);
             self.preempt(v);
@@ -206,7 +249,7 @@ impl Scheduler {
         // Sequences hold blocks but none can advance (all prefilling, pool exhausted):
         // preempt one so the others make progress, and plan again.
         if work.is_empty() && !self.running.is_empty() && adm.start.is_empty() {
-            if let Some(v) = self.victim() {
+            if let Some(v) = self.victim(None) {
                 self.preempt(v);
                 return self.plan(now);
             }
@@ -237,16 +280,28 @@ impl Scheduler {
         while *budget > 0 && (self.running.len() as u32) < self.cfg.max_running {
             // A request whose next uncached block is being computed right now by a running
             // sequence waits a few steps and reuses it, instead of computing it twice.
+            // A request of a tenant whose running sequences leave no room under its cap for
+            // this prompt waits for them, without holding up other tenants.
             let Some(next) = self.queue.peek_where(&self.fair, |w| {
                 let cached = self.blocks.lookup(&w.req.block_hashes).len();
-                w.req
-                    .block_hashes
-                    .get(cached)
-                    .is_some_and(|h| in_flight.contains(h))
+                let capped = self.owners.get(&w.req.tenant).is_some_and(|o| {
+                    self.owners.quota(o).max_blocks.is_some_and(|cap| {
+                        let known = w.req.prompt.0 + w.generated.0;
+                        self.committed(o) + self.blocks.blocks_for(known)
+                            - cached.min(self.blocks.blocks_for(known) as usize) as u32
+                            > cap
+                    })
+                });
+                capped
+                    || w.req
+                        .block_hashes
+                        .get(cached)
+                        .is_some_and(|h| in_flight.contains(h))
             }) else {
                 break;
             };
             let (id, known) = (next.req.id, next.req.prompt.0 + next.generated.0);
+            let owner = self.owners.intern(&next.req.tenant, &self.cfg.kv_quotas);
             // At least the last prompt token is computed, for the first token's logits.
             let mut hit = self.match_prefix(&next.req.block_hashes, known - 1);
             let reused_of = |hit: &Option<(Vec<BlockId>, SeqSlot)>, bt: u32| {
@@ -258,31 +313,32 @@ impl Scheduler {
             }
             let mut keep: Vec<SeqSlot> = adm.pinned.clone();
             keep.extend(hit.as_ref().map(|(_, s)| *s));
-            // Admit only what can be prefilled to the end: the whole uncached prompt, on
-            // top of what running sequences still need for theirs. Admitting on the first
-            // chunk alone lets several long prompts start, run the pool dry and preempt
-            // each other into endless recomputation.
-            let outstanding: u32 = self
-                .running
-                .iter()
-                .map(|r| {
-                    self.blocks
-                        .blocks_for(r.known)
-                        .saturating_sub(r.blocks.len() as u32)
-                })
-                .sum();
-            let need = |reused: u64| {
-                self.blocks.blocks_for(known) - self.blocks.blocks_for(reused)
-                    + self.cfg.watermark_blocks
-                    + outstanding
-            };
-            let need_hit = need(reused_of(&hit, bt));
-            let need_cold = need(0);
-            let mut room = self.make_room(need_hit, &keep);
+            let mut room = self.room_for(owner, known, reused_of(&hit, bt), &keep);
             if !room && hit.is_some() {
                 // The cached source itself is in the way: recompute instead of reusing.
                 hit = None;
-                room = self.make_room(need_cold, &adm.pinned);
+                keep.clone_from(&adm.pinned);
+                room = self.room_for(owner, known, 0, &keep);
+            }
+            let own = self.blocks.blocks_for(known) - self.blocks.blocks_for(reused_of(&hit, bt));
+            while !room && self.within_floor(owner, own) {
+                // The tenant is owed this much KV: take it from tenants above their floor.
+                let Some(v) = self.floor_victim(owner, |r| {
+                    keep.contains(&r.slot) || adm.start.iter().any(|(id, _)| *id == r.req.id)
+                }) else {
+                    break;
+                };
+                // Its work in this step, if any, goes back to the budget.
+                let victim = self.running[v].req.id;
+                work.retain(|w| {
+                    let keep = w.id != victim;
+                    if !keep {
+                        *budget += u64::from(w.n);
+                    }
+                    keep
+                });
+                self.preempt(v);
+                room = self.room_for(owner, known, reused_of(&hit, bt), &keep);
             }
             if self.free_slots.is_empty() || (!room && !self.running.is_empty()) {
                 break;
@@ -318,6 +374,7 @@ impl Scheduler {
             self.stats.prefix_hit_tokens += reused;
             adm.start.push((id, slot));
             self.running.push(Running {
+                owner,
                 charged_prompt: if generated.0 > 0 {
                     req.prompt.0
                 } else {
@@ -382,10 +439,13 @@ impl Scheduler {
             .blocks
             .blocks_for(r.computed + n)
             .saturating_sub(r.blocks.len() as u32);
-        self.ensure_free(missing, pinned);
-        // Shrink to what the free blocks can hold.
+        let owner = r.owner;
+        self.cap_room(owner, missing, pinned);
+        self.ensure_free(missing, pinned, owner);
+        // Shrink to what the free blocks, and the tenant's cap, can hold.
         let r = &self.running[i];
-        let room = (r.blocks.len() as u64 + u64::from(self.blocks.free_count())) * bt;
+        let free = self.blocks.free_count().min(self.cap_headroom(owner));
+        let room = (r.blocks.len() as u64 + u64::from(free)) * bt;
         n = n.min(room.saturating_sub(r.computed));
         if n == 0 {
             return None;

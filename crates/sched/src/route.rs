@@ -466,8 +466,12 @@ mod tests {
             ..worker(id)
         };
         // Whichever of the two is a little busier, the same one is chosen.
-        let a = r.route(&req, &[busy(1, 0), busy(2, 100)]).expect("decision");
-        let b = r.route(&req, &[busy(1, 100), busy(2, 0)]).expect("decision");
+        let a = r
+            .route(&req, &[busy(1, 0), busy(2, 100)])
+            .expect("decision");
+        let b = r
+            .route(&req, &[busy(1, 100), busy(2, 0)])
+            .expect("decision");
         assert_eq!(a.chosen, b.chosen);
         // Past the slack, load wins again.
         let home = a.chosen;

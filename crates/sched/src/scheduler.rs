@@ -6,9 +6,11 @@ use crate::admit::Rejection;
 use crate::cache::CachedSeq;
 use crate::kv::{BlockId, BlockPool};
 use crate::queue::{Fairness, WaitQueue};
+use crate::quota::{KvQuota, Owners};
 use crate::request::{Band, FinishReason, SchedRequest};
 use crate::step::{StepPlan, StepResult, Work};
 use crate::timing::StepTimes;
+use std::collections::BTreeMap;
 use tokenfab_types::{Nanos, RequestId, SeqSlot, TenantId, Tokens};
 
 /// Limits the scheduler plans within. The driver derives them from its executor (slots,
@@ -38,6 +40,9 @@ pub struct SchedConfig {
     /// prefill chunks are sized from measured step times to fit it. `None`: always use
     /// the whole token budget.
     pub target_step: Option<Nanos>,
+    /// KV quotas of named tenants (others have none). A cap is also the longest sequence
+    /// the tenant can run: longer prompts are rejected, `max_new` is clamped to fit.
+    pub kv_quotas: BTreeMap<TenantId, KvQuota>,
 }
 
 impl Default for SchedConfig {
@@ -54,6 +59,7 @@ impl Default for SchedConfig {
             max_waiting_tokens: 1 << 20,
             watermark_blocks: 4,
             target_step: Some(Nanos::from_millis(250)),
+            kv_quotas: BTreeMap::new(),
         }
     }
 }
@@ -114,6 +120,8 @@ pub struct SchedSnapshot {
 #[derive(Clone, Debug)]
 pub(crate) struct Running {
     pub req: SchedRequest,
+    /// The tenant's block-owner index.
+    pub owner: u32,
     pub slot: SeqSlot,
     pub blocks: Vec<BlockId>,
     /// Tokens whose KV is computed.
@@ -150,6 +158,8 @@ pub struct Scheduler {
     pub(crate) stats: SchedStats,
     /// Learned step times: sizes prefill chunks and predicts TTFT.
     pub(crate) times: StepTimes,
+    /// Tenants as block owners, with their KV quotas.
+    pub(crate) owners: Owners,
     draining: bool,
     /// The latest time passed in, for LRU order of cache entries.
     pub(crate) now: Nanos,
@@ -170,6 +180,7 @@ impl Scheduler {
             inflight: Vec::new(),
             stats: SchedStats::default(),
             times: StepTimes::default(),
+            owners: Owners::default(),
             draining: false,
             now: Nanos::ZERO,
         }
@@ -235,11 +246,22 @@ impl Scheduler {
         result
     }
 
-    fn try_admit(&mut self, req: SchedRequest) -> Result<Vec<Ended>, Rejection> {
+    fn try_admit(&mut self, mut req: SchedRequest) -> Result<Vec<Ended>, Rejection> {
         if self.draining {
             return Err(Rejection::Draining);
         }
         self.validate(&req)?;
+        let owner = self.owners.intern(&req.tenant, &self.cfg.kv_quotas);
+        if let Some(cap) = self.owners.quota(owner).max_blocks {
+            let limit = Tokens(u64::from(cap) * u64::from(self.blocks.block_tokens()));
+            if req.prompt >= limit {
+                return Err(Rejection::TooLong {
+                    limit,
+                    requested: req.prompt + req.max_new,
+                });
+            }
+            req.max_new = req.max_new.min(Tokens(limit.0 - req.prompt.0));
+        }
         if let (Some(target), Some(predicted)) = (req.slo.ttft, self.predict_ttft(&req)) {
             if predicted > target {
                 return Err(Rejection::SloUnattainable {
@@ -438,6 +460,22 @@ impl Scheduler {
             want.sort_unstable();
             if have != *want {
                 return Err(format!("block {i}: holders {have:?}, owners {want:?}"));
+            }
+        }
+        let mut owned: BTreeMap<u32, u32> = BTreeMap::new();
+        for (i, h) in expect.iter().enumerate() {
+            if !h.is_empty() {
+                *owned
+                    .entry(self.blocks.owner(BlockId(i as u32)))
+                    .or_default() += 1;
+            }
+        }
+        for (&o, &n) in &owned {
+            if self.blocks.owned(o) != n {
+                return Err(format!(
+                    "owner {o}: {n} blocks, {} charged",
+                    self.blocks.owned(o)
+                ));
             }
         }
         let used = expect.iter().filter(|h| !h.is_empty()).count() as u32;

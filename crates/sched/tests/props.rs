@@ -5,7 +5,8 @@
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use tokenfab_sched::{
-    prefix_hashes, Band, Ended, SchedConfig, SchedRequest, Scheduler, Slo, StepPlan, StepResult,
+    prefix_hashes, Band, Ended, KvQuota, SchedConfig, SchedRequest, Scheduler, Slo, StepPlan,
+    StepResult,
 };
 use tokenfab_types::{Nanos, RequestId, SeqSlot, TenantId, TokenId, Tokens};
 
@@ -47,7 +48,28 @@ fn config() -> SchedConfig {
         max_waiting_tokens: 1500,
         watermark_blocks: 2,
         target_step: Some(Nanos::from_millis(20)),
+        kv_quotas: BTreeMap::new(),
     }
+}
+
+/// Tenant t0 capped at a third of the pool, t1 guaranteed a quarter.
+fn with_quotas(mut cfg: SchedConfig) -> SchedConfig {
+    let third = cfg.kv_blocks / 3;
+    cfg.kv_quotas.insert(
+        TenantId("t0".into()),
+        KvQuota {
+            max_blocks: Some(third),
+            min_blocks: 0,
+        },
+    );
+    cfg.kv_quotas.insert(
+        TenantId("t1".into()),
+        KvQuota {
+            max_blocks: None,
+            min_blocks: cfg.kv_blocks / 4,
+        },
+    );
+    cfg
 }
 
 struct Harness {
@@ -216,8 +238,12 @@ proptest! {
     })]
 
     #[test]
-    fn no_leaks_and_every_request_ends_once(ops in prop::collection::vec(op(), 1..200), tight in any::<bool>()) {
-        let mut cfg = config();
+    fn no_leaks_and_every_request_ends_once(
+        ops in prop::collection::vec(op(), 1..200),
+        tight in any::<bool>(),
+        quotas in any::<bool>(),
+    ) {
+        let mut cfg = if quotas { with_quotas(config()) } else { config() };
         if tight {
             // No spare slots for cache entries: they must yield to new sequences.
             cfg.slots = 2;
@@ -241,6 +267,10 @@ proptest! {
                 }
             }
             prop_assert_eq!(h.s.check_invariants(), Ok(()));
+            if let Some(cap) = h.s.config().kv_quotas.get(&TenantId("t0".into())).and_then(|q| q.max_blocks) {
+                let held = h.s.kv_blocks_of(&TenantId("t0".into()));
+                prop_assert!(held <= cap, "t0 holds {} blocks over its cap {}", held, cap);
+            }
         }
         // Drain: everything admitted finishes within a bounded number of steps.
         let mut steps = 0;
@@ -407,4 +437,184 @@ fn a_quiet_tenant_next_to_a_flood_is_admitted_within_two_steps() {
     assert!(waits.len() >= 15, "B was served: {} requests", waits.len());
     assert!(waits.iter().all(|w| *w <= 2), "B waited {waits:?} steps");
     assert_eq!(h.s.check_invariants(), Ok(()));
+}
+
+/// Run until nothing is waiting or running.
+fn settle(h: &mut Harness) {
+    let mut steps = 0;
+    while !h.s.is_idle() {
+        h.step(0);
+        steps += 1;
+        assert!(steps < 10_000, "did not settle");
+    }
+}
+
+/// Tenant "small" caches a prefix; tenant "flood" then runs ten long distinct prompts
+/// through the pool; "small" asks again. Returns the prompt tokens its repeat reused.
+fn small_prefix_after_a_flood(quotas: &[(&str, KvQuota)]) -> u64 {
+    let mut cfg = config();
+    cfg.max_waiting = 20;
+    cfg.max_waiting_tokens = 10_000;
+    for (t, q) in quotas {
+        cfg.kv_quotas.insert(TenantId((*t).into()), *q);
+    }
+    let mut h = Harness::new(cfg.clone());
+    h.arrive_grouped("small", Band::Standard, 150, 1, Some(7));
+    settle(&mut h);
+    for _ in 0..10 {
+        h.arrive("flood", Band::Standard, 300, 4);
+    }
+    while !h.s.is_idle() {
+        h.step(0);
+        if let Some(cap) = cfg
+            .kv_quotas
+            .get(&TenantId("flood".into()))
+            .and_then(|q| q.max_blocks)
+        {
+            assert!(h.s.kv_blocks_of(&TenantId("flood".into())) <= cap);
+        }
+    }
+    let before = h.hits;
+    h.arrive_grouped("small", Band::Standard, 150, 1, Some(7));
+    settle(&mut h);
+    assert_eq!(h.s.check_invariants(), Ok(()));
+    assert!(h.live.is_empty(), "every request ended");
+    h.hits - before
+}
+
+/// Without quotas the flood's cache entries push the small tenant's prefix out (plain
+/// LRU); a cap on the flood, or a floor for the small tenant, keeps it.
+#[test]
+fn a_cap_on_a_flood_or_a_floor_for_its_neighbour_keeps_the_neighbours_prefix() {
+    assert_eq!(small_prefix_after_a_flood(&[]), 0, "evicted without quotas");
+    let cap = KvQuota {
+        max_blocks: Some(24),
+        min_blocks: 0,
+    };
+    assert_eq!(
+        small_prefix_after_a_flood(&[("flood", cap)]),
+        96,
+        "kept under a cap on the flood"
+    );
+    let floor = KvQuota {
+        max_blocks: None,
+        min_blocks: 12,
+    };
+    assert_eq!(
+        small_prefix_after_a_flood(&[("small", floor)]),
+        96,
+        "kept by the small tenant's floor"
+    );
+}
+
+/// A tenant within its floor gets KV at once even when another tenant's running
+/// sequences hold the whole pool: one of them is preempted for it.
+#[test]
+fn a_tenant_within_its_floor_displaces_running_sequences_of_others() {
+    let waited = |floor: u32| {
+        let mut cfg = config();
+        cfg.max_running = 8;
+        cfg.max_waiting = 20;
+        cfg.max_waiting_tokens = 10_000;
+        cfg.kv_quotas.insert(
+            TenantId("small".into()),
+            KvQuota {
+                max_blocks: None,
+                min_blocks: floor,
+            },
+        );
+        let mut h = Harness::new(cfg);
+        for _ in 0..3 {
+            h.arrive("flood", Band::Standard, 200, 250);
+        }
+        for _ in 0..30 {
+            h.step(0);
+        }
+        assert!(h.s.blocks().free_count() < 10, "the flood holds the pool");
+        h.arrive("small", Band::Standard, 100, 4);
+        let id = *h.live.iter().max().expect("small");
+        let mut steps = 0;
+        while !h.s.is_running(id) && h.live.contains(&id) {
+            h.step(0);
+            steps += 1;
+        }
+        settle(&mut h);
+        assert_eq!(h.s.check_invariants(), Ok(()));
+        steps
+    };
+    let with_floor = waited(12);
+    let without = waited(0);
+    assert!(
+        with_floor <= 1,
+        "within its floor it waited {with_floor} steps"
+    );
+    assert!(
+        without > 5,
+        "without a floor it waits for the flood ({without} steps)"
+    );
+}
+
+/// A cap is the tenant's longest sequence: a prompt that cannot fit is refused, a
+/// request that can is given at most the rest as output.
+#[test]
+fn a_cap_bounds_one_sequence() {
+    let mut cfg = config();
+    cfg.kv_quotas.insert(
+        TenantId("capped".into()),
+        KvQuota {
+            max_blocks: Some(8),
+            min_blocks: 0,
+        },
+    );
+    let mut s = Scheduler::new(cfg);
+    let req = |id, prompt, max_new| SchedRequest {
+        id: RequestId(id),
+        tenant: TenantId("capped".into()),
+        band: Band::Standard,
+        weight: 1,
+        prompt: Tokens(prompt),
+        max_new: Tokens(max_new),
+        arrival: Nanos(0),
+        slo: Slo::default(),
+        block_hashes: Vec::new(),
+    };
+    let err = s
+        .admit(Nanos(0), req(1, 128, 4))
+        .expect_err("128 tokens fill 8 blocks");
+    assert!(
+        matches!(
+            err,
+            tokenfab_sched::Rejection::TooLong {
+                limit: Tokens(128),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    s.admit(Nanos(0), req(2, 100, 200)).expect("fits");
+    let mut generated = 0;
+    let mut t = 0;
+    while !s.is_idle() {
+        t += 1_000_000;
+        let plan = s.plan(Nanos(t));
+        let sampled: Vec<_> = plan
+            .work
+            .iter()
+            .filter(|w| w.sample)
+            .map(|w| (w.id, false))
+            .collect();
+        generated += sampled.len();
+        s.complete(
+            Nanos(t),
+            &StepResult {
+                sampled,
+                elapsed: Nanos(1_000_000),
+            },
+        );
+        assert!(s.kv_blocks_of(&TenantId("capped".into())) <= 8);
+    }
+    assert_eq!(
+        generated, 28,
+        "max_new clamped to the cap's 128 tokens less the prompt"
+    );
 }
