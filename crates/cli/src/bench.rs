@@ -10,6 +10,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokenfab_sim::trace::TraceRequest;
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -82,6 +83,20 @@ struct Samples {
     e2e: Vec<f64>,
     tokens: u64,
     errors: BTreeMap<String, u64>,
+    requests: Vec<Measured>,
+}
+
+/// One request as the client saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct Measured {
+    /// Position of the request in the trace or job list.
+    pub index: usize,
+    pub ttft_ms: f64,
+    /// Mean time per output token after the first.
+    pub tpot_ms: f64,
+    /// The server's own count (`usage`), when it reported one.
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -123,6 +138,7 @@ struct Report {
 }
 
 struct Job {
+    index: usize,
     body: serde_json::Value,
     tag: &'static str,
     /// Send at this offset from the start (trace replay).
@@ -159,54 +175,25 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         None => first_model(&client, &url, &headers).await?,
     };
     let jobs = match &args.trace {
-        Some(path) => trace_jobs(&args, path, &model)?,
+        Some(path) => trace_jobs(
+            &args.replay.read(path)?,
+            args.max_tokens,
+            args.temperature,
+            &model,
+        ),
         None => make_jobs(&args, &model),
     };
     let requests = jobs.len();
-    let pb = ProgressBar::new(jobs.len() as u64);
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}") {
-        pb.set_style(style);
-    }
-    if args.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let samples = Arc::new(Mutex::new(Samples::default()));
-    let t0 = Instant::now();
-    // Open loop (a rate or a trace): no cap on requests in flight.
-    let open_loop = args.rate.is_some() || args.trace.is_some();
-    let sem = Arc::new(tokio::sync::Semaphore::new(
-        args.concurrency
-            .unwrap_or(if open_loop { usize::MAX >> 4 } else { 8 }),
-    ));
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x9e37);
-    let mut tasks = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        if let Some(at) = job.at {
-            tokio::time::sleep_until((t0 + at).into()).await;
-        } else if let Some(rate) = args.rate {
-            let gap = -(1.0 - rng.gen::<f64>()).ln() / rate.max(1e-9);
-            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
-        }
-        let permit = sem.clone().acquire_owned().await?;
-        let (client, url, headers, samples, pb) = (
-            client.clone(),
-            url.clone(),
-            headers.clone(),
-            samples.clone(),
-            pb.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            one(&client, &url, headers, job, &samples).await;
-            pb.inc(1);
-            drop(permit);
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    pb.finish_and_clear();
-    let wall = t0.elapsed().as_secs_f64();
-    let mut s = std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let drive = Drive {
+        client,
+        url: url.clone(),
+        headers,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        seed: args.seed,
+        progress: !args.json,
+    };
+    let (mut s, wall) = drive.run(jobs).await?;
     let report = Report {
         url,
         model,
@@ -227,6 +214,105 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How jobs are sent: over which client, to where, at what pace.
+struct Drive {
+    client: reqwest::Client,
+    url: String,
+    headers: reqwest::header::HeaderMap,
+    /// Closed loop with this many in flight; otherwise open loop at `rate` or at the
+    /// jobs' own times.
+    concurrency: Option<usize>,
+    rate: Option<f64>,
+    seed: u64,
+    progress: bool,
+}
+
+impl Drive {
+    /// Send every job; what was measured, and the wall time in seconds.
+    async fn run(&self, jobs: Vec<Job>) -> anyhow::Result<(Samples, f64)> {
+        let pb = ProgressBar::new(jobs.len() as u64);
+        if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}") {
+            pb.set_style(style);
+        }
+        if !self.progress {
+            pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let samples = Arc::new(Mutex::new(Samples::default()));
+        let t0 = Instant::now();
+        // Open loop (a rate or a trace): no cap on requests in flight.
+        let open_loop = self.rate.is_some() || jobs.iter().any(|j| j.at.is_some());
+        let sem = Arc::new(tokio::sync::Semaphore::new(
+            self.concurrency
+                .unwrap_or(if open_loop { usize::MAX >> 4 } else { 8 }),
+        ));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ 0x9e37);
+        let mut tasks = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if let Some(at) = job.at {
+                tokio::time::sleep_until((t0 + at).into()).await;
+            } else if let Some(rate) = self.rate {
+                let gap = -(1.0 - rng.gen::<f64>()).ln() / rate.max(1e-9);
+                tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+            }
+            let permit = sem.clone().acquire_owned().await?;
+            let (client, url, headers, samples, pb) = (
+                self.client.clone(),
+                self.url.clone(),
+                self.headers.clone(),
+                samples.clone(),
+                pb.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                one(&client, &url, headers, job, &samples).await;
+                pb.inc(1);
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        pb.finish_and_clear();
+        let wall = t0.elapsed().as_secs_f64();
+        let s = std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+        Ok((s, wall))
+    }
+}
+
+/// Replay `trace` against the server at `url` (its first model) at the trace's own
+/// arrival times, output capped at `max_tokens`: each request as the client saw it.
+pub fn replay(url: &str, trace: &[TraceRequest], max_tokens: u32) -> anyhow::Result<Vec<Measured>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(900))
+            .pool_max_idle_per_host(0)
+            .build()?;
+        let url = url.trim_end_matches('/').to_owned();
+        let headers = reqwest::header::HeaderMap::new();
+        let model = first_model(&client, &url, &headers).await?;
+        let drive = Drive {
+            client,
+            url,
+            headers,
+            concurrency: None,
+            rate: None,
+            seed: 0,
+            progress: true,
+        };
+        let (s, _) = drive
+            .run(trace_jobs(trace, max_tokens, 0.0, &model))
+            .await?;
+        if !s.errors.is_empty() {
+            anyhow::bail!("replay failed for some requests: {:?}", s.errors);
+        }
+        let mut out = s.requests;
+        out.sort_by_key(|m| m.index);
+        Ok(out)
+    })
+}
+
 fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
     let system = (a.shared_prefix > 0)
@@ -242,6 +328,7 @@ fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
             let n = if long { a.mix_long } else { a.prompt_tokens };
             messages.push(serde_json::json!({"role": "user", "content": words(n, &mut rng)}));
             Job {
+                index: i,
                 body: serde_json::json!({
                     "model": model, "messages": messages, "max_tokens": a.max_tokens,
                     "temperature": a.temperature, "stream": true,
@@ -254,14 +341,12 @@ fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
 }
 
 /// The requests of a trace, as chat requests at their arrival times.
-fn trace_jobs(a: &BenchArgs, path: &std::path::Path, model: &str) -> anyhow::Result<Vec<Job>> {
-    let reqs = a.replay.read(path)?;
+fn trace_jobs(reqs: &[TraceRequest], max_tokens: u32, temperature: f32, model: &str) -> Vec<Job> {
     let block_text = |id: u64, words_in: u64| -> String {
         let mut rng = rand::rngs::StdRng::seed_from_u64(id ^ 0x5eed);
         words(words_in as usize, &mut rng)
     };
-    Ok(reqs
-        .iter()
+    reqs.iter()
         .enumerate()
         .map(|(i, r)| {
             let mut text = String::new();
@@ -279,18 +364,20 @@ fn trace_jobs(a: &BenchArgs, path: &std::path::Path, model: &str) -> anyhow::Res
                 // No (more) block ids: this request's own text.
                 text.push_str(&block_text(u64::MAX - i as u64, left));
             }
-            let max_tokens = r.output_tokens.clamp(1, u64::from(a.max_tokens));
+            let max_tokens = r.output_tokens.clamp(1, u64::from(max_tokens));
             Job {
+                index: i,
                 body: serde_json::json!({
                     "model": model,
                     "messages": [{"role": "user", "content": text}],
-                    "max_tokens": max_tokens, "temperature": a.temperature, "stream": true,
+                    "max_tokens": max_tokens, "temperature": temperature, "stream": true,
+                    "stream_options": {"include_usage": true},
                 }),
                 tag: "trace",
                 at: Some(Duration::from_nanos(r.arrival.0)),
             }
         })
-        .collect())
+        .collect()
 }
 
 async fn first_model(
@@ -338,6 +425,7 @@ async fn one(
         Err(e) => return record_error(samples, format!("connect: {}", short(&e))),
     };
     let mut stamps: Vec<Instant> = Vec::new();
+    let mut usage = (None, None);
     let mut buf = Vec::<u8>::new();
     let mut body = resp.bytes_stream();
     let mut done = false;
@@ -364,6 +452,9 @@ async fn one(
             if v.get("error").is_some() {
                 return record_error(samples, "error event".into());
             }
+            if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                usage = (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64());
+            }
             let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
             if !content.is_empty() {
                 stamps.push(Instant::now());
@@ -384,6 +475,21 @@ async fn one(
         let itl = s.itl.entry(job.tag).or_default();
         itl.extend(stamps.windows(2).map(|w| ms(w[1] - w[0])));
         s.tokens += stamps.len() as u64;
+        let last = stamps.last().copied().unwrap_or(*first);
+        // Per token, as the server counted them (a streamed piece can carry several, or
+        // a token none until its text is complete); else per piece.
+        let tokens = usage.1.unwrap_or(stamps.len() as u64);
+        s.requests.push(Measured {
+            index: job.index,
+            ttft_ms: ms(*first - t0),
+            tpot_ms: if tokens > 1 {
+                ms(last - *first) / (tokens - 1) as f64
+            } else {
+                0.0
+            },
+            prompt_tokens: usage.0,
+            completion_tokens: usage.1,
+        });
     }
 }
 

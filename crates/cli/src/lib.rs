@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod calibrate;
 pub mod config;
 pub mod serve;
 pub mod sim;

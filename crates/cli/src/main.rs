@@ -1,4 +1,4 @@
-//! The `tokenfab` binary: `serve`, `worker`, `pull`, `bench`, `sim`, `config`, `keys`, `usage`.
+//! The `tokenfab` binary: `serve`, `worker`, `pull`, `bench`, `sim`, `calibrate`, `config`, `keys`, `usage`.
 //!
 //! Wiring only: it parses flags and config, builds the engine with the llama.cpp executor
 //! and hands it to the gateway. Logic belongs in the library crates.
@@ -6,7 +6,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use tokenfab::config::Config;
-use tokenfab::{admin, bench, serve, sim, telemetry};
+use tokenfab::{admin, bench, calibrate, serve, sim, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +53,9 @@ enum Command {
     /// Replay a trace on a simulated cluster (the production scheduler and router, in
     /// virtual time) and compare routing policies.
     Sim(sim::SimArgs),
+    /// Time the real engine on this machine and write its step-time profile for `sim`
+    /// and `worker --mock` (`$TOKENFAB_HOME/profiles.toml`).
+    Calibrate(calibrate::CalibrateArgs),
     /// Print the resolved configuration as TOML.
     Config(ServeArgs),
     /// Manage API keys in the ledger.
@@ -232,6 +235,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args),
         Command::Sim(args) => sim::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Keys { command } => admin::keys(command),
         Command::Usage(args) => admin::usage(args),
         Command::Config(args) => {

@@ -4,7 +4,7 @@
 
 use clap::Args;
 use tokenfab_sched::route::Policy;
-use tokenfab_sim::cluster::{simulate, Report, SimConfig, SimWorker};
+use tokenfab_sim::cluster::{pcts, simulate, Pcts, Report, SimConfig, SimWorker};
 use tokenfab_sim::trace::TraceRequest;
 use tokenfab_sim::{accelerators, StepProfile};
 use tokenfab_types::Nanos;
@@ -46,6 +46,15 @@ pub struct SimArgs {
     /// One JSON object per policy instead of a table.
     #[arg(long)]
     json: bool,
+    /// Fidelity check: also replay the trace against this server (one engine, e.g.
+    /// `tokenfab serve` on this machine) and print measured and simulated TTFT and TPOT
+    /// side by side. The simulation then uses the server's defaults (`serve`'s scheduler
+    /// settings) and the token counts the server reported; --workers names one worker.
+    #[arg(long)]
+    against: Option<String>,
+    /// With --against: output tokens per request at most.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
 }
 
 /// How a trace is replayed (`sim`, and `bench --trace`).
@@ -76,7 +85,7 @@ impl Replay {
 
 /// `PROFILE=COUNT,...` → workers.
 pub fn parse_workers(spec: &str) -> anyhow::Result<Vec<SimWorker>> {
-    let named = accelerators();
+    let named = accelerators()?;
     let mut out = Vec::new();
     for part in spec.split(',').filter(|p| !p.is_empty()) {
         let (name, count) = part.rsplit_once('=').unwrap_or((part, "1"));
@@ -121,6 +130,9 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --trace FILE or --synthetic SPEC"),
     };
     let workers = parse_workers(&a.workers)?;
+    if let Some(url) = &a.against {
+        return fidelity(&a, url, trace, workers);
+    }
     let names = a.compare.clone().unwrap_or_else(|| a.policy.clone());
     let policies: Vec<Policy> = names
         .split(',')
@@ -209,5 +221,80 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         );
     }
     println!("(ms; refused = turned away by the engines' SLO admission; goodput = share of completed requests meeting the SLO; $/M out = accelerator cost per million output tokens)");
+    Ok(())
+}
+
+/// `--against URL`: the same trace on the real server and in the simulator.
+fn fidelity(
+    a: &SimArgs,
+    url: &str,
+    mut trace: Vec<TraceRequest>,
+    workers: Vec<SimWorker>,
+) -> anyhow::Result<()> {
+    if workers.len() != 1 {
+        anyhow::bail!(
+            "--against compares one server with one simulated worker: --workers PROFILE=1"
+        );
+    }
+    for r in &mut trace {
+        r.output_tokens = r.output_tokens.clamp(1, u64::from(a.max_tokens));
+    }
+    eprintln!("replaying {} requests against {url}", trace.len());
+    let measured = crate::bench::replay(url, &trace, a.max_tokens)?;
+    // The workload as the server counted it: its tokenizer and chat template decide the
+    // prompt length, the model's end token may stop a generation early.
+    for m in &measured {
+        let r = &mut trace[m.index];
+        if let Some(p) = m.prompt_tokens {
+            r.input_tokens = p;
+        }
+        if let Some(c) = m.completion_tokens {
+            r.output_tokens = c.max(1);
+        }
+    }
+    let policy = Policy::parse(&a.policy).unwrap_or(Policy::PrefixLoad);
+    let sim = simulate(
+        &trace,
+        &SimConfig {
+            workers: workers.clone(),
+            policy,
+            engine: tokenfab_engine::EngineConfig {
+                max_waiting: 1 << 20,
+                max_waiting_tokens: u64::MAX >> 1,
+                ..Default::default()
+            },
+            slo: tokenfab_sched::Slo::default(),
+            seed: a.seed,
+        },
+    );
+    let real_ttft = pcts(measured.iter().map(|m| m.ttft_ms).collect());
+    let real_tpot = pcts(
+        measured
+            .iter()
+            .filter(|m| m.completion_tokens.unwrap_or(2) > 1)
+            .map(|m| m.tpot_ms)
+            .collect(),
+    );
+    println!(
+        "{} requests: {url} vs simulated {} ({} completed)",
+        trace.len(),
+        workers[0].kind,
+        sim.completed
+    );
+    println!(
+        "{:<10} {:>10} {:>10} {:>8}",
+        "ms", "measured", "simulated", "diff"
+    );
+    let row = |name: &str, real: f64, simulated: f64| {
+        let diff = (simulated - real) / real.max(1e-9) * 100.0;
+        println!("{name:<10} {real:>10.1} {simulated:>10.1} {diff:>7.1}%");
+    };
+    let rows = |what: &str, real: Pcts, simulated: Pcts| {
+        row(&format!("{what} p50"), real.p50, simulated.p50);
+        row(&format!("{what} p90"), real.p90, simulated.p90);
+        row(&format!("{what} p99"), real.p99, simulated.p99);
+    };
+    rows("ttft", real_ttft, sim.ttft_ms);
+    rows("tpot", real_tpot, sim.tpot_ms);
     Ok(())
 }

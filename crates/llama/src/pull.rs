@@ -85,14 +85,7 @@ pub struct Pulled {
     pub path: PathBuf,
 }
 
-/// `$TOKENFAB_HOME`, else `~/.cache/tokenfab`.
-pub fn home() -> PathBuf {
-    if let Some(h) = std::env::var_os("TOKENFAB_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
-    }
-    let base = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    base.join(".cache").join("tokenfab")
-}
+pub use tokenfab_types::home;
 
 pub fn parse(spec: &str) -> Result<Source, PullError> {
     if let Some(rest) = spec.strip_prefix("hf:") {

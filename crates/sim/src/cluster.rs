@@ -43,7 +43,8 @@ pub struct Pcts {
     pub p99: f64,
 }
 
-fn pcts(mut xs: Vec<f64>) -> Pcts {
+/// P50/P90/P99 of `xs` (nearest rank), rounded to µs.
+pub fn pcts(mut xs: Vec<f64>) -> Pcts {
     if xs.is_empty() {
         return Pcts::default();
     }
@@ -251,7 +252,8 @@ fn start_step(w: &mut Worker, now: Nanos, profile: &StepProfile) -> Option<Nanos
     for _ in 0..8 {
         let plan = w.sched.plan(now);
         if !plan.work.is_empty() {
-            let t = profile.step_time(plan.tokens(), plan.work.len() as u64);
+            let kv: u64 = plan.work.iter().map(|w| w.pos + u64::from(w.n)).sum();
+            let t = profile.step_time(plan.tokens(), plan.work.len() as u64, kv);
             w.step_time = t;
             w.work = plan.work;
             w.busy = true;
@@ -387,6 +389,8 @@ mod tests {
                 output_tokens: 16,
                 blocks: vec![i % 3 * 100, i % 3 * 100 + 1, i % 3 * 100 + 2, 10_000 + i],
                 block_tokens: 512,
+                tenant: 0,
+                band: Band::Standard,
             })
             .collect()
     }
@@ -398,6 +402,7 @@ mod tests {
                 base: Nanos::from_millis(5),
                 per_token: Nanos(50_000),
                 per_seq: Nanos(100_000),
+                per_kv_ps: 0,
             },
             kv_tokens: 65_536,
             slots: 64,

@@ -39,7 +39,8 @@ impl Executor for ModelExecutor {
 
     fn run(&mut self, batch: &[BatchEntry<'_>]) -> Result<Vec<Sampled>, ExecError> {
         let tokens: u64 = batch.iter().map(|e| e.tokens.len() as u64).sum();
-        let t = self.spec.profile.step_time(tokens, batch.len() as u64);
+        let kv: u64 = batch.iter().map(|e| e.pos + e.tokens.len() as u64).sum();
+        let t = self.spec.profile.step_time(tokens, batch.len() as u64, kv);
         if t.0 > 0 {
             std::thread::sleep(t.into());
         }

@@ -15,5 +15,8 @@ mod tokenizer;
 pub mod trace;
 
 pub use executor::ModelExecutor;
-pub use profile::{accelerators, Accelerator, MockSpec, ProfileError, StepProfile};
+pub use profile::{
+    accelerators, parse_profiles, user_profiles_path, Accelerator, MockSpec, ProfileEntry,
+    ProfileError, StepProfile,
+};
 pub use tokenizer::ByteTokenizer;

@@ -1,18 +1,26 @@
 //! A step-time profile: how long one batch takes on the modelled accelerator.
 
+use std::collections::BTreeMap;
 use tokenfab_types::Nanos;
 
-/// Linear step time: `base + per_token × tokens in the batch + per_seq × sequences`.
+/// Linear step time: `base + per_token × tokens in the batch + per_seq × sequences +
+/// per_kv × KV tokens attended` (each sequence attends to its whole context).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StepProfile {
     pub base: Nanos,
     pub per_token: Nanos,
     pub per_seq: Nanos,
+    /// Picoseconds per KV token read (attention cost grows with context).
+    pub per_kv_ps: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown mock profile {0:?}: use `instant`, `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]` or a named profile (cpu:smollm2-135m, h100:llama2-70b, a100:llama2-70b), optionally followed by `,fail-every=N`")]
-pub struct ProfileError(pub String);
+pub enum ProfileError {
+    #[error("unknown profile {0:?}: use `instant`, `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]` or a named profile (cpu:smollm2-135m, h100:llama2-70b, a100:llama2-70b), optionally followed by `,fail-every=N`")]
+    Unknown(String),
+    #[error("invalid profile file: {0}")]
+    File(String),
+}
 
 /// What `--mock` runs: a step-time profile and, for fault-injection tests, a step that
 /// fails every `fail_every` steps (as a crashed kernel or lost device would).
@@ -35,9 +43,9 @@ impl MockSpec {
             match opt.split_once('=') {
                 Some(("fail-every", n)) => {
                     let n = n.parse::<u64>().ok().filter(|n| *n > 0);
-                    spec.fail_every = Some(n.ok_or_else(|| ProfileError(s.to_owned()))?);
+                    spec.fail_every = Some(n.ok_or_else(|| ProfileError::Unknown(s.to_owned()))?);
                 }
-                _ => return Err(ProfileError(s.to_owned())),
+                _ => return Err(ProfileError::Unknown(s.to_owned())),
             }
         }
         Ok(spec)
@@ -56,44 +64,66 @@ pub struct Accelerator {
 
 #[derive(serde::Deserialize)]
 struct ProfileFile {
-    profiles: std::collections::BTreeMap<String, ProfileEntry>,
+    profiles: BTreeMap<String, ProfileEntry>,
 }
 
-#[derive(serde::Deserialize)]
+/// One entry of a profile file (`data/profiles.toml`, or the one `tokenfab calibrate`
+/// writes).
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct ProfileEntry {
-    base_ms: f64,
-    per_token_us: f64,
-    per_seq_us: f64,
-    kv_tokens: u64,
-    slots: u32,
-    usd_per_hour: f64,
+pub struct ProfileEntry {
+    pub base_ms: f64,
+    pub per_token_us: f64,
+    pub per_seq_us: f64,
+    #[serde(default)]
+    pub per_kv_token_ns: f64,
+    pub kv_tokens: u64,
+    pub slots: u32,
+    pub usd_per_hour: f64,
+}
+
+impl ProfileEntry {
+    pub fn accelerator(&self) -> Accelerator {
+        Accelerator {
+            profile: StepProfile {
+                base: Nanos::from_secs_f64(self.base_ms / 1e3),
+                per_token: Nanos::from_secs_f64(self.per_token_us / 1e6),
+                per_seq: Nanos::from_secs_f64(self.per_seq_us / 1e6),
+                per_kv_ps: (self.per_kv_token_ns.max(0.0) * 1e3).round() as u64,
+            },
+            kv_tokens: self.kv_tokens,
+            slots: self.slots,
+            usd_per_hour: self.usd_per_hour,
+        }
+    }
 }
 
 const PROFILES: &str = include_str!("../data/profiles.toml");
 
-/// The named profiles (`cpu:smollm2-135m`, `h100:llama2-70b`, ...).
-pub fn accelerators() -> std::collections::BTreeMap<String, Accelerator> {
-    let file: ProfileFile = match toml::from_str(PROFILES) {
-        Ok(f) => f,
-        Err(_) => return Default::default(), // checked by a test
-    };
-    file.profiles
-        .into_iter()
-        .map(|(name, e)| {
-            let acc = Accelerator {
-                profile: StepProfile {
-                    base: Nanos::from_secs_f64(e.base_ms / 1e3),
-                    per_token: Nanos::from_secs_f64(e.per_token_us / 1e6),
-                    per_seq: Nanos::from_secs_f64(e.per_seq_us / 1e6),
-                },
-                kv_tokens: e.kv_tokens,
-                slots: e.slots,
-                usd_per_hour: e.usd_per_hour,
-            };
-            (name, acc)
-        })
-        .collect()
+/// The file `tokenfab calibrate` writes, overlaying the shipped profiles.
+pub fn user_profiles_path() -> std::path::PathBuf {
+    tokenfab_types::home().join("profiles.toml")
+}
+
+/// Entries of a profile file.
+pub fn parse_profiles(text: &str) -> Result<BTreeMap<String, ProfileEntry>, String> {
+    toml::from_str::<ProfileFile>(text)
+        .map(|f| f.profiles)
+        .map_err(|e| e.to_string())
+}
+
+/// The named profiles (`cpu:smollm2-135m`, `h100:llama2-70b`, ...): the shipped ones,
+/// overlaid by those in [`user_profiles_path`] (a calibrated CPU profile replaces the
+/// shipped one). A user file that does not parse is an error, not silently ignored.
+pub fn accelerators() -> Result<BTreeMap<String, Accelerator>, ProfileError> {
+    let mut all = parse_profiles(PROFILES).map_err(ProfileError::File)?;
+    let user = user_profiles_path();
+    if let Ok(text) = std::fs::read_to_string(&user) {
+        let extra = parse_profiles(&text)
+            .map_err(|e| ProfileError::File(format!("{}: {e}", user.display())))?;
+        all.extend(extra);
+    }
+    Ok(all.into_iter().map(|(k, e)| (k, e.accelerator())).collect())
 }
 
 impl StepProfile {
@@ -103,10 +133,10 @@ impl StepProfile {
         if s == "instant" {
             return Ok(StepProfile::default());
         }
-        if let Some(a) = accelerators().get(s) {
+        if let Some(a) = accelerators()?.get(s) {
             return Ok(a.profile);
         }
-        let err = || ProfileError(s.to_owned());
+        let err = || ProfileError::Unknown(s.to_owned());
         let rest = s.strip_prefix("linear:").ok_or_else(err)?;
         let nums: Vec<f64> = rest
             .split(':')
@@ -118,16 +148,20 @@ impl StepProfile {
                 base: Nanos::from_secs_f64(base_ms / 1e3),
                 per_token: Nanos::from_secs_f64(tok_us / 1e6),
                 per_seq: Nanos::from_secs_f64(nums.get(2).copied().unwrap_or(0.0) / 1e6),
+                per_kv_ps: 0,
             }),
             _ => Err(err()),
         }
     }
 
-    pub fn step_time(&self, tokens: u64, seqs: u64) -> Nanos {
+    /// One step of `tokens` tokens over `seqs` sequences attending to `kv` KV tokens in
+    /// all.
+    pub fn step_time(&self, tokens: u64, seqs: u64, kv: u64) -> Nanos {
         Nanos(
             self.base.0
                 + self.per_token.0.saturating_mul(tokens)
-                + self.per_seq.0.saturating_mul(seqs),
+                + self.per_seq.0.saturating_mul(seqs)
+                + self.per_kv_ps.saturating_mul(kv) / 1000,
         )
     }
 }
@@ -136,11 +170,11 @@ impl StepProfile {
 mod tests {
     #[test]
     fn the_profile_file_parses_and_names_resolve() {
-        let all = super::accelerators();
+        let all = super::accelerators().expect("profiles");
         assert!(all.len() >= 3, "{:?}", all.keys());
         let h100 = super::StepProfile::parse("h100:llama2-70b").expect("named");
         assert_eq!(h100, all["h100:llama2-70b"].profile);
-        assert!(h100.step_time(1, 1).0 > 28_000_000);
+        assert!(h100.step_time(1, 1, 0).0 > 28_000_000);
     }
 
     use super::*;
@@ -149,7 +183,10 @@ mod tests {
     fn profiles_parse() {
         assert_eq!(StepProfile::parse("instant"), Ok(StepProfile::default()));
         let p = StepProfile::parse("linear:10:50:200").expect("valid");
-        assert_eq!(p.step_time(100, 2), Nanos(10_000_000 + 5_000_000 + 400_000));
+        assert_eq!(
+            p.step_time(100, 2, 0),
+            Nanos(10_000_000 + 5_000_000 + 400_000)
+        );
         assert!(StepProfile::parse("h100").is_err());
         assert!(StepProfile::parse("linear:-1:2").is_err());
         let m = MockSpec::parse("linear:1:2,fail-every=9").expect("valid");

@@ -2,7 +2,7 @@
 //! JSONL), read into one shape that the simulator and `tokenfab bench --trace` replay.
 
 use std::path::Path;
-use tokenfab_types::Nanos;
+use tokenfab_types::{Band, Nanos};
 
 /// One request of a trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,6 +15,9 @@ pub struct TraceRequest {
     /// leading ids are equal share that prefix (empty: unknown, nothing shared).
     pub blocks: Vec<u64>,
     pub block_tokens: u64,
+    /// Who sent it (an index; traces without tenants have one, 0) and its band.
+    pub tenant: u32,
+    pub band: Band,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +84,41 @@ pub fn synthetic(spec: &str, seed: u64) -> Result<Vec<TraceRequest>, TraceError>
         line: 0,
         why: why.to_owned(),
     };
-    let parts: Vec<&str> = spec.split(':').collect();
+    let mut options = spec.split(',');
+    let head = options.next().unwrap_or_default();
+    // Tenants and bands: `,tenants=N` (uniform), `,heavy=F` (tenant 0 sends a share F of
+    // all requests, the others share the rest), `,batch=F` / `,interactive=F` (shares of
+    // requests in those bands; the rest standard).
+    let (mut tenants, mut heavy, mut batch, mut interactive) = (1u32, 0.0f64, 0.0f64, 0.0f64);
+    for o in options {
+        let (k, v) = o
+            .split_once('=')
+            .ok_or_else(|| bad("options are key=value"))?;
+        let share = || {
+            v.parse::<f64>()
+                .ok()
+                .filter(|f| (0.0..=1.0).contains(f))
+                .ok_or_else(|| bad("a share is between 0 and 1"))
+        };
+        match k {
+            "tenants" => {
+                tenants = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| bad("tenants=N, N ≥ 1"))?
+            }
+            "heavy" => heavy = share()?,
+            "batch" => batch = share()?,
+            "interactive" => interactive = share()?,
+            _ => {
+                return Err(bad(
+                    "unknown option; use tenants=, heavy=, batch=, interactive=",
+                ))
+            }
+        }
+    }
+    let parts: Vec<&str> = head.split(':').collect();
     let (kind, nums) = parts.split_first().ok_or_else(|| bad("empty spec"))?;
     let nums: Vec<f64> = nums
         .iter()
@@ -120,12 +157,32 @@ pub fn synthetic(spec: &str, seed: u64) -> Result<Vec<TraceRequest>, TraceError>
             } else {
                 Vec::new()
             };
+            let tenant = match (tenants, heavy > 0.0) {
+                (1, _) => 0,
+                (_, true) if rng.gen::<f64>() < heavy => 0,
+                (n, true) => rng.gen_range(1..n),
+                (n, false) => rng.gen_range(0..n),
+            };
+            let band = if batch + interactive > 0.0 {
+                let x = rng.gen::<f64>();
+                if x < interactive {
+                    Band::Interactive
+                } else if x < interactive + batch {
+                    Band::Batch
+                } else {
+                    Band::Standard
+                }
+            } else {
+                Band::Standard
+            };
             let r = TraceRequest {
                 arrival: Nanos((t * 1e9) as u64),
                 input_tokens: (prompt as u64).max(1),
                 output_tokens: (output as u64).max(1),
                 blocks,
                 block_tokens: block,
+                tenant,
+                band,
             };
             t += gaps.sample(&mut rng);
             r
@@ -153,6 +210,8 @@ fn azure(text: &str) -> LineResult<Vec<TraceRequest>> {
             output_tokens: n(gen)?,
             blocks: Vec::new(),
             block_tokens: 16,
+            tenant: 0,
+            band: Band::Standard,
         });
     }
     Ok(out)
@@ -193,6 +252,8 @@ fn json_lines(text: &str) -> LineResult<Vec<TraceRequest>> {
                 output_tokens: num("output_length")?,
                 blocks: ids.iter().filter_map(serde_json::Value::as_u64).collect(),
                 block_tokens: 512,
+                tenant: 0,
+                band: Band::Standard,
             });
         } else {
             // ShareGPT: ns arrivals and the prompt's token ids, chain-hashed in 16s.
@@ -207,6 +268,8 @@ fn json_lines(text: &str) -> LineResult<Vec<TraceRequest>> {
                 output_tokens: num("output_toks")?,
                 blocks: chain(&ids, 16),
                 block_tokens: 16,
+                tenant: 0,
+                band: Band::Standard,
             });
         }
     }

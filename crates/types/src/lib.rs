@@ -5,10 +5,12 @@
 
 mod band;
 mod error;
+mod home;
 mod ids;
 mod units;
 
 pub use band::Band;
 pub use error::{ErrorCode, ErrorOrigin};
+pub use home::home;
 pub use ids::{RequestId, SeqSlot, TenantId, TokenId};
 pub use units::{NanoUsd, Nanos, Tokens};
