@@ -6,6 +6,7 @@ pub mod admin;
 pub mod bench;
 pub mod calibrate;
 pub mod config;
+pub mod plot;
 pub mod serve;
 pub mod sim;
 pub mod telemetry;

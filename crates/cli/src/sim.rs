@@ -46,6 +46,9 @@ pub struct SimArgs {
     /// One JSON object per policy instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also draw the TTFT distributions and the load over time of every policy (SVG).
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
     /// Fidelity check: also replay the trace against this server (one engine, e.g.
     /// `tokenfab serve` on this machine) and print measured and simulated TTFT and TPOT
     /// side by side. The simulation then uses the server's defaults (`serve`'s scheduler
@@ -177,6 +180,10 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         events as f64 / wall.max(1e-9),
         (trace.len() * reports.len()) as f64 / wall.max(1e-9)
     );
+    if let Some(path) = &a.plot {
+        crate::plot::write(path, &reports)?;
+        eprintln!("plot written to {}", path.display());
+    }
     if a.json {
         for r in &reports {
             println!("{}", serde_json::to_string(r)?);
@@ -190,7 +197,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         a.workers
     );
     println!(
-        "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>9}",
         "policy",
         "ttft p50",
         "ttft p99",
@@ -199,13 +206,15 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         "e2e p99",
         "hit %",
         "preempt",
+        "refused",
         "tok/s",
-        "goodput",
+        "good/s",
+        "slo %",
         "$/M out"
     );
     for r in &reports {
         println!(
-            "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>8} {:>8} {:>9.1} {:>8.3} {:>9.4}",
+            "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>8} {:>8} {:>9.1} {:>8.2} {:>6.1} {:>9.4}",
             r.policy,
             r.ttft_ms.p50,
             r.ttft_ms.p99,
@@ -216,11 +225,44 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
             r.preemptions,
             r.rejected,
             r.output_tok_per_s,
-            r.slo_attainment,
+            r.goodput_rps,
+            r.slo_attainment * 100.0,
             r.usd_per_m_output_tokens
         );
     }
-    println!("(ms; refused = turned away by the engines' SLO admission; goodput = share of completed requests meeting the SLO; $/M out = accelerator cost per million output tokens)");
+    println!("(ms; refused = turned away by the engines' SLO admission; good/s = completed requests meeting every SLO per second; slo % = their share of completed requests; $/M out = accelerator cost per million output tokens)");
+    println!(
+        "{:<20} {:>10} {:>10} {:>30}",
+        "policy", "jain work", "jain ttft", "queue p99 by band (ms)"
+    );
+    for r in &reports {
+        let bands: Vec<String> = r
+            .queue_ms_by_band
+            .iter()
+            .map(|(b, p)| format!("{b} {:.1}", p.p99))
+            .collect();
+        println!(
+            "{:<20} {:>10.3} {:>10.3} {:>30}",
+            r.policy,
+            r.jain_workers,
+            r.jain_tenant_ttft,
+            bands.join(", ")
+        );
+    }
+    if reports.iter().any(|r| r.tenants.len() > 1) {
+        println!(
+            "{:<20} {:>7} {:>9} {:>9} {:>9} {:>10}",
+            "policy", "tenant", "requests", "ttft p50", "ttft p99", "queue p99"
+        );
+        for r in &reports {
+            for t in &r.tenants {
+                println!(
+                    "{:<20} {:>7} {:>9} {:>9.1} {:>9.1} {:>10.1}",
+                    r.policy, t.tenant, t.requests, t.ttft_ms.p50, t.ttft_ms.p99, t.queue_ms.p99
+                );
+            }
+        }
+    }
     Ok(())
 }
 

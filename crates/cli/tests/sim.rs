@@ -72,3 +72,48 @@ fn a_trace_replays_deterministically_and_prefix_routing_beats_round_robin() {
     );
     assert!(pl["prefix_hit_rate"].as_f64() > rr["prefix_hit_rate"].as_f64());
 }
+
+#[test]
+fn a_synthetic_flood_shows_per_tenant_and_band_and_the_plot_is_drawn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("sim.svg");
+    let out = sim(&[
+        "--synthetic",
+        "poisson:40:400:512:32:8:256,tenants=3,heavy=0.8,batch=0.5",
+        "--workers",
+        "linear:5:40:100=4",
+        "--compare",
+        "round-robin,prefix-load",
+        "--plot",
+        svg.to_str().expect("utf-8 path"),
+    ]);
+    for want in ["jain work", "batch", "standard", "tenant"] {
+        assert!(out.contains(want), "no {want:?} in\n{out}");
+    }
+    let drawn = std::fs::read_to_string(&svg).expect("plot written");
+    assert!(
+        drawn.starts_with("<svg"),
+        "{}",
+        &drawn[..drawn.len().min(80)]
+    );
+    for want in [
+        "TTFT distribution",
+        "requests in flight",
+        "round-robin",
+        "prefix-load",
+    ] {
+        assert!(drawn.contains(want), "the plot has no {want:?}");
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_tokenfab"))
+        .args([
+            "sim",
+            "--synthetic",
+            "poisson:1:10:8:8,tenants=0",
+            "--workers",
+            "instant=1",
+        ])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("tenants=N"));
+}

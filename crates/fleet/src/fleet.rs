@@ -409,11 +409,10 @@ impl Fleet {
             let scores: Vec<String> = decision
                 .scores
                 .iter()
-                .zip(&candidates)
-                .map(|(s, m)| {
+                .map(|s| {
                     format!(
                         "{}: cached_blocks={} predicted_ttft_ms={:.1} cost={}",
-                        m.name,
+                        candidates[s.index].name,
                         s.cached_blocks,
                         s.predicted_ttft.0 as f64 / 1e6,
                         s.cost
@@ -434,7 +433,9 @@ impl Fleet {
             .with_label_values(&[policy.as_str(), &member.name, decision.reason])
             .inc();
         // The worker computes only what it does not hold.
-        let prefill = decision.scores[decision.chosen].uncached_tokens;
+        let prefill = decision
+            .chosen_score()
+            .map_or(p.prompt_tokens, |s| s.uncached_tokens);
         Ok(Lease::new(self, member, (prefill, p.max_tokens), retry))
     }
 

@@ -284,14 +284,15 @@ impl Scheduler {
             // this prompt waits for them, without holding up other tenants.
             let Some(next) = self.queue.peek_where(&self.fair, |w| {
                 let cached = self.blocks.lookup(&w.req.block_hashes).len();
-                let capped = self.owners.get(&w.req.tenant).is_some_and(|o| {
-                    self.owners.quota(o).max_blocks.is_some_and(|cap| {
-                        let known = w.req.prompt.0 + w.generated.0;
-                        self.committed(o) + self.blocks.blocks_for(known)
-                            - cached.min(self.blocks.blocks_for(known) as usize) as u32
-                            > cap
-                    })
-                });
+                let capped = !self.cfg.kv_quotas.is_empty()
+                    && self.owners.get(&w.req.tenant).is_some_and(|o| {
+                        self.owners.quota(o).max_blocks.is_some_and(|cap| {
+                            let known = w.req.prompt.0 + w.generated.0;
+                            self.committed(o) + self.blocks.blocks_for(known)
+                                - cached.min(self.blocks.blocks_for(known) as usize) as u32
+                                > cap
+                        })
+                    });
                 capped
                     || w.req
                         .block_hashes

@@ -34,7 +34,12 @@ impl Fairness {
     /// prompt ×1, output ×2, divided by the tenant's weight.
     pub fn charge(&mut self, t: &TenantId, weight: u32, prompt: u64, output: u64) {
         let cost = (prompt + 2 * output) * VTC_SCALE / u64::from(weight.max(1));
-        *self.counters.entry(t.clone()).or_insert(0) += cost;
+        match self.counters.get_mut(t) {
+            Some(c) => *c += cost,
+            None => {
+                self.counters.insert(t.clone(), cost);
+            }
+        }
     }
 
     /// A tenant returning from idle is lifted to the minimum counter of the active

@@ -9,8 +9,19 @@
 //! remote servers do not report their caches.
 
 use crate::kv::fnv1a;
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
 use tokenfab_types::Nanos;
+
+/// Above this many candidates, `prefix-load` scores a sample instead of every worker: the
+/// workers last sent the prompt's first block, plus [`SAMPLE`] others drawn from a
+/// deterministic sequence (power of d choices, Mitzenmacher). A 1,000-worker fleet then
+/// routes in microseconds, and the sampled least-loaded worker is nearly as good as the
+/// global one. The published baselines always scan everyone, as they are specified.
+pub const FULL_SCAN: usize = 64;
+pub const SAMPLE: usize = 16;
+/// Workers remembered per first block (the latest ones sent it).
+const HOLDERS: usize = 8;
 
 /// How a model's requests are spread over its workers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +85,9 @@ pub struct WorkerLoad {
     pub queued_prefill_tokens: u64,
     /// Output tokens still to come, at most, for requests under way.
     pub outstanding_decode_tokens: u64,
-    /// KV cache in use, per mille (from the worker's own report; 0 when unknown).
+    /// KV cache in use, per mille (from the worker's own report; 0 when unknown). Scales
+    /// the prefix-load policy's affinity slack: a copy of a prefix on a worker with room
+    /// to spare costs nothing, one on a full worker evicts someone else's.
     pub kv_permille: u32,
     /// Prefill cost on this worker's accelerator, ns per prompt token.
     pub prefill_ns_per_token: u64,
@@ -102,6 +115,8 @@ pub struct RouteRequest<'a> {
 /// One candidate's score, for explanations.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Score {
+    /// Index into the candidates passed to [`Router::route`].
+    pub index: usize,
     pub id: u64,
     /// Prompt blocks this worker is estimated to hold already.
     pub cached_blocks: u32,
@@ -119,7 +134,15 @@ pub struct Decision {
     pub chosen: usize,
     /// Why: `session`, `policy` or `slo`.
     pub reason: &'static str,
+    /// The candidates scored: all of them, or on a large fleet the sample considered.
     pub scores: Vec<Score>,
+}
+
+impl Decision {
+    /// The chosen candidate's score.
+    pub fn chosen_score(&self) -> Option<&Score> {
+        self.scores.iter().find(|s| s.index == self.chosen)
+    }
 }
 
 /// What the router remembers between requests.
@@ -127,7 +150,9 @@ pub struct Decision {
 pub struct Router {
     policy: Policy,
     cursor: u64,
-    prefixes: HashMap<u64, PrefixEstimate>,
+    prefixes: FxHashMap<u64, PrefixEstimate>,
+    /// Per first prompt block, the workers last sent it (for sampling large fleets).
+    holders: FxHashMap<u64, Vec<u64>>,
     block_capacity: usize,
     block_tokens: u64,
 }
@@ -139,7 +164,8 @@ impl Router {
         Router {
             policy,
             cursor: 0,
-            prefixes: HashMap::new(),
+            prefixes: FxHashMap::default(),
+            holders: FxHashMap::default(),
             block_capacity: block_capacity.max(1),
             block_tokens: block_tokens.max(1),
         }
@@ -151,7 +177,17 @@ impl Router {
         if candidates.is_empty() {
             return None;
         }
-        let mut scores: Vec<Score> = candidates.iter().map(|w| self.score(req, w)).collect();
+        if candidates.len() > FULL_SCAN
+            && matches!(self.policy, Policy::PrefixLoad | Policy::RoundRobin)
+            && req.session.is_none()
+        {
+            return Some(self.route_sampled(req, candidates));
+        }
+        let mut scores: Vec<Score> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, w)| self.score(req, i, w))
+            .collect();
         if let Some(session) = req.session {
             // Rendezvous hashing: a session keeps its worker while that worker stays
             // eligible, and only its sessions move when it leaves.
@@ -187,8 +223,68 @@ impl Router {
         })
     }
 
+    /// [`route`](Self::route) on a large fleet: round-robin scores only its pick;
+    /// prefix-load scores the first block's recent holders and a sample of the rest.
+    fn route_sampled(&mut self, req: &RouteRequest<'_>, candidates: &[WorkerLoad]) -> Decision {
+        let n = candidates.len();
+        let start = self.cursor;
+        self.cursor = self.cursor.wrapping_add(1);
+        if self.policy == Policy::RoundRobin {
+            let i = (start % n as u64) as usize;
+            return Decision {
+                chosen: i,
+                reason: "policy",
+                scores: vec![self.score(req, i, &candidates[i])],
+            };
+        }
+        let mut picked: Vec<usize> = Vec::with_capacity(SAMPLE + HOLDERS);
+        if let Some(ids) = req.blocks.first().and_then(|b| self.holders.get(b)) {
+            picked.extend((0..n).filter(|&i| ids.contains(&candidates[i].id)));
+        }
+        let mut x = fnv1a(start, b"sample") | 1;
+        for _ in 0..SAMPLE {
+            // xorshift64: a fixed sequence per decision, so runs repeat exactly.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = (x % n as u64) as usize;
+            if !picked.contains(&i) {
+                picked.push(i);
+            }
+        }
+        let sample: Vec<WorkerLoad> = picked.iter().map(|&i| candidates[i].clone()).collect();
+        let scores: Vec<Score> = picked
+            .iter()
+            .map(|&i| self.score(req, i, &candidates[i]))
+            .collect();
+        // Choose within the sample, then map back to the candidates' indices.
+        let local: Vec<Score> = scores
+            .iter()
+            .enumerate()
+            .map(|(k, s)| Score {
+                index: k,
+                ..s.clone()
+            })
+            .collect();
+        let (k, reason) = pick_within_slo(req, &sample, &local);
+        Decision {
+            chosen: picked[k],
+            reason,
+            scores,
+        }
+    }
+
     /// The request went to worker `id`: it will hold these blocks.
     pub fn record_sent(&mut self, id: u64, blocks: &[u64]) {
+        if let Some(&first) = blocks.first() {
+            let ids = self.holders.entry(first).or_default();
+            if let Some(k) = ids.iter().position(|&x| x == id) {
+                ids.remove(k);
+            } else if ids.len() == HOLDERS {
+                ids.remove(0);
+            }
+            ids.push(id);
+        }
         let cap = self.block_capacity;
         self.prefixes
             .entry(id)
@@ -201,7 +297,7 @@ impl Router {
         self.prefixes.remove(&id);
     }
 
-    fn score(&self, req: &RouteRequest<'_>, w: &WorkerLoad) -> Score {
+    fn score(&self, req: &RouteRequest<'_>, index: usize, w: &WorkerLoad) -> Score {
         let est = self.prefixes.get(&w.id);
         let cached_blocks = est.map_or(0, |p| p.matched(req.blocks));
         // The covered share of the prompt, in whatever unit the host counts it.
@@ -235,6 +331,7 @@ impl Router {
             Policy::SglangCacheAware => 0, // decided over all candidates below
         };
         Score {
+            index,
             id: w.id,
             cached_blocks,
             uncached_tokens: uncached,
@@ -290,15 +387,28 @@ fn argmin(scores: &[Score], key: impl Fn(&Score) -> i64) -> usize {
 /// How much later than the soonest worker a worker holding more of the prompt may be
 /// predicted to answer and still be preferred: staying with the cache keeps the prefix on
 /// one worker (no second copy taking KV elsewhere, later requests hit it too), so
-/// near-ties go to the cache instead of splitting a group between workers.
+/// near-ties go to the cache instead of splitting a group between workers. The full
+/// slack applies when the soonest worker's KV is at least half full (or its use is
+/// unknown); below that it shrinks in proportion, since a second copy then evicts
+/// nothing — on a fleet with room to spare, concentrating a hot prefix only queues its
+/// requests behind each other.
 const AFFINITY_SLACK_PCT: u64 = 50;
 const AFFINITY_SLACK_NS: u64 = 50_000_000;
+
+/// The share of the affinity slack that applies (per mille) given the KV use of the
+/// worker that would take the copy.
+fn slack_permille(kv_permille: u32) -> u64 {
+    match kv_permille {
+        0 => 1000,
+        k => (2 * u64::from(k)).min(1000),
+    }
+}
 
 /// With a TTFT target: among workers predicted to meet it, the cheapest, then the one
 /// holding most of the prompt, then the soonest. Otherwise (or when none meets it): among
 /// workers predicted within the affinity slack of the soonest, the one holding most of
-/// the prompt, then the cheapest, then — when several hold the prompt equally — the
-/// prompt's home worker, else the soonest.
+/// the prompt, then the cheapest, then — when several hold the prompt equally and KV is
+/// scarce — the prompt's home worker, else the soonest.
 ///
 /// The home worker is the rendezvous-hash winner for the prompt's first block. Once a
 /// group's prefix has spilled onto a second worker (its first holder was briefly too
@@ -320,14 +430,21 @@ fn pick_within_slo(req: &RouteRequest<'_>, c: &[WorkerLoad], s: &[Score]) -> (us
             return (i, "slo");
         }
     }
-    let best = s.iter().map(|x| x.predicted_ttft.0).min().unwrap_or(0);
-    let limit = best + best * AFFINITY_SLACK_PCT / 100 + AFFINITY_SLACK_NS;
+    let soonest = (0..c.len())
+        .min_by_key(|&i| s[i].predicted_ttft)
+        .unwrap_or(0);
+    let best = s[soonest].predicted_ttft.0;
+    let share = slack_permille(c[soonest].kv_permille);
+    let limit =
+        best + best * AFFINITY_SLACK_PCT * share / 100_000 + AFFINITY_SLACK_NS * share / 1000;
     let chosen = (0..c.len())
         .filter(|&i| s[i].predicted_ttft.0 <= limit)
         .min_by_key(|&i| {
             let tie = match (s[i].cached_blocks, req.blocks.first()) {
-                (0, _) | (_, None) => s[i].predicted_ttft.0,
-                (_, Some(&first)) => u64::MAX - fnv1a(first, &c[i].id.to_le_bytes()),
+                (n, Some(&first)) if n > 0 && share == 1000 => {
+                    u64::MAX - fnv1a(first, &c[i].id.to_le_bytes())
+                }
+                _ => s[i].predicted_ttft.0,
             };
             (
                 std::cmp::Reverse(s[i].cached_blocks),
@@ -345,7 +462,7 @@ fn pick_within_slo(req: &RouteRequest<'_>, c: &[WorkerLoad], s: &[Score]) -> (us
 struct PrefixEstimate {
     capacity: usize,
     tick: u64,
-    last: HashMap<u64, u64>,
+    last: FxHashMap<u64, u64>,
     by_age: BTreeMap<u64, u64>,
 }
 
@@ -354,7 +471,7 @@ impl PrefixEstimate {
         PrefixEstimate {
             capacity,
             tick: 0,
-            last: HashMap::new(),
+            last: FxHashMap::default(),
             by_age: BTreeMap::new(),
         }
     }
@@ -479,6 +596,40 @@ mod tests {
         ws[home].queued_prefill_tokens = 50_000;
         let c = r.route(&req, &ws).expect("decision");
         assert_ne!(c.chosen, home);
+    }
+
+    #[test]
+    fn a_large_fleet_is_sampled_and_the_holder_is_still_found() {
+        let mut r = Router::new(Policy::PrefixLoad, 1000, 16);
+        let ws: Vec<WorkerLoad> = (0..500).map(worker).collect();
+        let blocks = text_block_hashes("t", &[9u8; 64 * 20], 64);
+        r.record_sent(321, &blocks);
+        let req = RouteRequest {
+            blocks: &blocks,
+            prompt_tokens: 320,
+            ..RouteRequest::default()
+        };
+        let d = r.route(&req, &ws).expect("decision");
+        assert_eq!(
+            ws[d.chosen].id, 321,
+            "the holder is always among those scored"
+        );
+        assert!(
+            d.scores.len() <= SAMPLE + HOLDERS,
+            "{} scored",
+            d.scores.len()
+        );
+        assert_eq!(d.chosen_score().map(|s| s.cached_blocks), Some(20));
+        // A cold prompt goes to the least loaded of the sample, deterministically.
+        let cold = RouteRequest {
+            prompt_tokens: 320,
+            ..RouteRequest::default()
+        };
+        let mut a = Router::new(Policy::PrefixLoad, 1000, 16);
+        let mut b = Router::new(Policy::PrefixLoad, 1000, 16);
+        for _ in 0..10 {
+            assert_eq!(a.route(&cold, &ws), b.route(&cold, &ws));
+        }
     }
 
     #[test]

@@ -371,6 +371,15 @@ impl Scheduler {
         let mut sampled = result.sampled.iter();
         let mut ended = Vec::new();
         let bt = u64::from(self.blocks.block_tokens());
+        // Where each work item's sequence is in the running batch (one pass, not one
+        // search per item); finished sequences leave after the loop.
+        let at: rustc_hash::FxHashMap<RequestId, usize> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.req.id, i))
+            .collect();
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         for w in &work {
             let eog = if w.sample {
                 sampled
@@ -380,7 +389,7 @@ impl Scheduler {
             } else {
                 None
             };
-            let Some(i) = self.running.iter().position(|r| r.req.id == w.id) else {
+            let Some(&i) = at.get(&w.id) else {
                 continue;
             };
             let r = &mut self.running[i];
@@ -414,13 +423,20 @@ impl Scheduler {
                     reason = Some(FinishReason::Length);
                 }
             }
-            let (tenant, weight) = (r.req.tenant.clone(), r.req.weight);
-            self.fair.charge(&tenant, weight, new_prompt, out);
+            let weight = r.req.weight;
+            self.fair
+                .charge(&self.running[i].req.tenant, weight, new_prompt, out);
             if let Some(reason) = reason {
-                let r = self.running.swap_remove(i);
-                ended.push(self.end_running(r, reason));
+                finished.push((i, reason));
             }
         }
+        // Highest index first: each swap_remove then moves an element that stays.
+        finished.sort_unstable_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, reason) in finished {
+            let r = self.running.swap_remove(i);
+            ended.push(self.end_running(r, reason));
+        }
+        ended.sort_unstable_by_key(|e| e.id());
         ended
     }
 

@@ -8,10 +8,10 @@
 use crate::profile::StepProfile;
 use crate::trace::TraceRequest;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use tokenfab_engine::{EngineConfig, ExecutorCapacity};
 use tokenfab_sched::route::{Policy, RouteRequest, Router, WorkerLoad};
-use tokenfab_sched::{Band, Ended, SchedRequest, Scheduler, Slo, StepResult, Work};
+use tokenfab_sched::{Ended, SchedRequest, Scheduler, Slo, StepResult, Work};
 use tokenfab_types::{Nanos, RequestId, TenantId, Tokens};
 
 /// One simulated worker: an accelerator running one model.
@@ -84,8 +84,43 @@ pub struct Report {
     pub makespan_s: f64,
     /// Requests per worker (load balance).
     pub per_worker: Vec<u64>,
+    /// Jain's index of requests per worker: 1 = perfectly even, 1/n = all on one.
+    pub jain_workers: f64,
+    /// Time from arrival to the first step that works on the request, by band.
+    pub queue_ms_by_band: BTreeMap<String, Pcts>,
+    /// Per tenant (traces without tenants have one, 0).
+    pub tenants: Vec<TenantStats>,
+    /// Jain's index of the tenants' mean TTFT: 1 = every tenant waits as long as the
+    /// others, lower = some tenants wait longer (a noisy neighbour).
+    pub jain_tenant_ttft: f64,
     /// Discrete events processed (arrivals and steps).
     pub events: u64,
+    /// Load over time, for plots (not in the JSON report).
+    #[serde(skip)]
+    pub timeline: Vec<TimePoint>,
+    /// Every completed request's TTFT (ms), for CDF plots (not in the JSON report).
+    #[serde(skip)]
+    pub ttfts: Vec<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TenantStats {
+    pub tenant: u32,
+    pub requests: usize,
+    pub completed: usize,
+    pub ttft_ms: Pcts,
+    pub queue_ms: Pcts,
+    pub output_tokens: u64,
+}
+
+/// The cluster at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct TimePoint {
+    pub t_s: f64,
+    /// Requests arrived and not yet ended.
+    pub in_flight: u64,
+    /// Output tokens per second over the interval ending here.
+    pub output_tok_per_s: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,6 +133,8 @@ enum Event {
 #[derive(Clone, Copy, Debug, Default)]
 struct Life {
     worker: usize,
+    /// The first step that worked on it.
+    started: Option<Nanos>,
     first: Option<Nanos>,
     end: Option<Nanos>,
     tokens: u64,
@@ -111,18 +148,31 @@ struct Worker {
     /// The work of the step under way.
     work: Vec<Work>,
     step_time: Nanos,
-    load: WorkerLoad,
     served: u64,
 }
 
 /// Replay `trace` on the cluster of `cfg`.
 pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
     let block_tokens = cfg.engine.block_tokens.max(1);
-    let mut workers: Vec<Worker> = cfg
+    // What the router sees of each worker, updated in place as requests come and go.
+    let mut loads: Vec<WorkerLoad> = cfg
         .workers
         .iter()
         .enumerate()
-        .map(|(i, w)| {
+        .map(|(i, w)| WorkerLoad {
+            id: i as u64,
+            prefill_ns_per_token: w.profile.per_token.0.max(1),
+            decode_ns_per_seq: w.profile.per_seq.0 + w.profile.per_token.0,
+            price_nano_usd_per_hour: (w.usd_per_hour * 1e9) as u64,
+            // As a worker reports it on /health; 1 = known, (nearly) empty.
+            kv_permille: 1,
+            ..WorkerLoad::default()
+        })
+        .collect();
+    let mut workers: Vec<Worker> = cfg
+        .workers
+        .iter()
+        .map(|w| {
             let cap = ExecutorCapacity {
                 slots: w.slots,
                 kv_tokens: w.kv_tokens,
@@ -134,13 +184,6 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                 busy: false,
                 work: Vec::new(),
                 step_time: Nanos(0),
-                load: WorkerLoad {
-                    id: i as u64,
-                    prefill_ns_per_token: w.profile.per_token.0.max(1),
-                    decode_ns_per_seq: w.profile.per_seq.0 + w.profile.per_token.0,
-                    price_nano_usd_per_hour: (w.usd_per_hour * 1e9) as u64,
-                    ..WorkerLoad::default()
-                },
                 served: 0,
             }
         })
@@ -153,7 +196,9 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
         events.push(Reverse((r.arrival, seq, Event::Arrival(i))));
         seq += 1;
     }
-    let tenant = TenantId("sim".into());
+    let tenants: Vec<TenantId> = (0..=trace.iter().map(|r| r.tenant).max().unwrap_or(0))
+        .map(|t| TenantId(format!("t{t}")))
+        .collect();
     let mut events_done = 0u64;
     let mut now = Nanos(0);
     while let Some(Reverse((t, _, ev))) = events.pop() {
@@ -163,7 +208,6 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
             Event::Arrival(i) => {
                 let r = &trace[i];
                 let blocks = block_hashes(r, i, cfg.seed, block_tokens);
-                let loads: Vec<WorkerLoad> = workers.iter().map(|w| w.load.clone()).collect();
                 let route = RouteRequest {
                     blocks: &blocks,
                     prompt_tokens: r.input_tokens,
@@ -177,11 +221,13 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                 };
                 router.record_sent(loads[d.chosen].id, &blocks);
                 let w = d.chosen;
-                let uncached = d.scores[w].uncached_tokens;
+                let uncached = d
+                    .chosen_score()
+                    .map_or(r.input_tokens, |s| s.uncached_tokens);
                 let req = SchedRequest {
                     id: RequestId(i as u64 + 1),
-                    tenant: tenant.clone(),
-                    band: Band::Standard,
+                    tenant: tenants[r.tenant as usize].clone(),
+                    band: r.band,
                     weight: 1,
                     prompt: Tokens(r.input_tokens.max(1)),
                     max_new: Tokens(r.output_tokens.max(1)),
@@ -192,14 +238,14 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                 lives[i].worker = w;
                 match workers[w].sched.admit(now, req) {
                     Ok(shed) => {
-                        let l = &mut workers[w].load;
+                        let l = &mut loads[w];
                         l.outstanding_requests += 1;
                         l.queued_prefill_tokens += uncached;
                         l.outstanding_decode_tokens += r.output_tokens.max(1);
                         lives[i].uncached = uncached;
                         workers[w].served += 1;
                         for e in shed {
-                            end(&mut lives, &mut workers[w], e, now, trace);
+                            end(&mut lives, &mut loads[w], e, now, trace);
                         }
                     }
                     Err(_) => lives[i].rejected = true,
@@ -208,6 +254,7 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
             }
             Event::StepDone(w) => {
                 let wk = &mut workers[w];
+                let load = &mut loads[w];
                 let work = std::mem::take(&mut wk.work);
                 let mut result = StepResult {
                     sampled: Vec::with_capacity(work.len()),
@@ -220,22 +267,28 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                     let life = &mut lives[i];
                     if life.first.is_none() {
                         life.first = Some(now);
-                        wk.load.queued_prefill_tokens =
-                            wk.load.queued_prefill_tokens.saturating_sub(life.uncached);
+                        load.queued_prefill_tokens =
+                            load.queued_prefill_tokens.saturating_sub(life.uncached);
                     }
                     life.tokens += 1;
-                    wk.load.outstanding_decode_tokens =
-                        wk.load.outstanding_decode_tokens.saturating_sub(1);
+                    load.outstanding_decode_tokens =
+                        load.outstanding_decode_tokens.saturating_sub(1);
                 }
                 wk.busy = false;
                 for e in wk.sched.complete(now, &result) {
-                    end(&mut lives, wk, e, now, trace);
+                    end(&mut lives, load, e, now, trace);
                 }
+                // As the worker reports it on /health (at least 1: known).
+                let b = wk.sched.blocks();
+                load.kv_permille =
+                    (u64::from(b.used_count()) * 1000 / u64::from(b.total().max(1))).max(1) as u32;
                 w
             }
         };
         if !workers[w].busy {
-            if let Some(done) = start_step(&mut workers[w], now, &cfg.workers[w].profile) {
+            if let Some(done) =
+                start_step(&mut workers[w], now, &cfg.workers[w].profile, &mut lives)
+            {
                 events.push(Reverse((done, seq, Event::StepDone(w))));
                 seq += 1;
             }
@@ -247,11 +300,20 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
 }
 
 /// Plan the worker's next step; when it has work, the time the step ends.
-fn start_step(w: &mut Worker, now: Nanos, profile: &StepProfile) -> Option<Nanos> {
+fn start_step(
+    w: &mut Worker,
+    now: Nanos,
+    profile: &StepProfile,
+    lives: &mut [Life],
+) -> Option<Nanos> {
     // A plan may only release or trim (finished sequences, evictions): plan again.
     for _ in 0..8 {
         let plan = w.sched.plan(now);
         if !plan.work.is_empty() {
+            for x in &plan.work {
+                let life = &mut lives[(x.id.0 - 1) as usize];
+                life.started.get_or_insert(now);
+            }
             let kv: u64 = plan.work.iter().map(|w| w.pos + u64::from(w.n)).sum();
             let t = profile.step_time(plan.tokens(), plan.work.len() as u64, kv);
             w.step_time = t;
@@ -266,14 +328,13 @@ fn start_step(w: &mut Worker, now: Nanos, profile: &StepProfile) -> Option<Nanos
     None
 }
 
-fn end(lives: &mut [Life], w: &mut Worker, e: Ended, now: Nanos, trace: &[TraceRequest]) {
+fn end(lives: &mut [Life], l: &mut WorkerLoad, e: Ended, now: Nanos, trace: &[TraceRequest]) {
     let i = (e.id().0 - 1) as usize;
     let life = &mut lives[i];
     match e {
         Ended::Finished { .. } => life.end = Some(now),
         Ended::Shed { .. } => life.rejected = true,
     }
-    let l = &mut w.load;
     l.outstanding_requests = l.outstanding_requests.saturating_sub(1);
     if life.first.is_none() {
         l.queued_prefill_tokens = l.queued_prefill_tokens.saturating_sub(life.uncached);
@@ -343,6 +404,7 @@ fn report(
         good += usize::from(ok_ttft && ok_tpot);
     }
     let completed = ttft.len();
+    let ttft_all = ttft.clone();
     let secs = (end.0 as f64 / 1e9).max(1e-9);
     let (hits, queries, preemptions) = workers.iter().fold((0, 0, 0), |a, w| {
         let s = w.sched.stats();
@@ -353,6 +415,37 @@ fn report(
         )
     });
     let usd_per_s: f64 = cfg.workers.iter().map(|w| w.usd_per_hour / 3600.0).sum();
+    let mut queue_by_band: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let n_tenants = trace
+        .iter()
+        .map(|r| r.tenant as usize + 1)
+        .max()
+        .unwrap_or(1);
+    let mut per_tenant: Vec<(usize, Vec<f64>, Vec<f64>, u64)> =
+        vec![(0, Vec::new(), Vec::new(), 0); n_tenants];
+    for (r, l) in trace.iter().zip(lives) {
+        let t = &mut per_tenant[r.tenant as usize];
+        t.0 += 1;
+        if let Some(s) = l.started {
+            let q = ms(r.arrival, s);
+            queue_by_band
+                .entry(r.band.as_str().to_owned())
+                .or_default()
+                .push(q);
+            t.2.push(q);
+        }
+        if let (Some(first), Some(_)) = (l.first, l.end) {
+            t.1.push(ms(r.arrival, first));
+            t.3 += l.tokens;
+        }
+    }
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    let tenant_ttft: Vec<f64> = per_tenant
+        .iter()
+        .filter(|t| !t.1.is_empty())
+        .map(|t| mean(&t.1))
+        .collect();
+    let per_worker: Vec<u64> = workers.iter().map(|w| w.served).collect();
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     Report {
         policy: cfg.policy.as_str().to_owned(),
@@ -370,14 +463,85 @@ fn report(
         preemptions,
         usd_per_m_output_tokens: round(usd_per_s * secs / (out_tokens.max(1) as f64 / 1e6), 4),
         makespan_s: round(secs, 3),
-        per_worker: workers.iter().map(|w| w.served).collect(),
+        jain_workers: round(jain(per_worker.iter().map(|&n| n as f64)), 4),
+        per_worker,
+        queue_ms_by_band: queue_by_band
+            .into_iter()
+            .map(|(b, xs)| (b, pcts(xs)))
+            .collect(),
+        jain_tenant_ttft: round(jain(tenant_ttft.iter().copied()), 4),
+        tenants: per_tenant
+            .into_iter()
+            .enumerate()
+            .map(|(i, (requests, ttft, queue, tokens))| TenantStats {
+                tenant: i as u32,
+                requests,
+                completed: ttft.len(),
+                ttft_ms: pcts(ttft),
+                queue_ms: pcts(queue),
+                output_tokens: tokens,
+            })
+            .collect(),
         events: 0,
+        timeline: timeline(trace, lives, end),
+        ttfts: ttft_all,
     }
+}
+
+/// Jain's fairness index (Σx)² / (n·Σx²): 1 when all are equal.
+fn jain(xs: impl Iterator<Item = f64>) -> f64 {
+    let (mut n, mut sum, mut sq) = (0.0, 0.0, 0.0);
+    for x in xs {
+        n += 1.0;
+        sum += x;
+        sq += x * x;
+    }
+    if sq == 0.0 {
+        1.0
+    } else {
+        sum * sum / (n * sq)
+    }
+}
+
+/// In-flight requests and output rate at 200 instants over the run.
+fn timeline(trace: &[TraceRequest], lives: &[Life], end: Nanos) -> Vec<TimePoint> {
+    const POINTS: usize = 200;
+    let span = end.0.max(1);
+    let at = |k: usize| span * k as u64 / POINTS as u64;
+    let bucket = |t: Nanos| ((t.0 as u128 * POINTS as u128 / span as u128) as usize).min(POINTS);
+    // +1 at arrival, -1 at the end; tokens spread over first..end.
+    let mut delta = vec![0i64; POINTS + 2];
+    let mut tokens = vec![0.0f64; POINTS + 1];
+    for (r, l) in trace.iter().zip(lives) {
+        delta[bucket(r.arrival)] += 1;
+        let stop = l.end.map_or(POINTS + 1, bucket);
+        delta[stop] -= 1;
+        if let (Some(first), Some(done)) = (l.first, l.end) {
+            let (a, b) = (bucket(first), bucket(done));
+            let per = l.tokens as f64 / (b - a + 1) as f64;
+            for t in &mut tokens[a..=b] {
+                *t += per;
+            }
+        }
+    }
+    let width = span as f64 / 1e9 / POINTS as f64;
+    let mut in_flight = 0i64;
+    (0..=POINTS)
+        .map(|k| {
+            in_flight += delta[k];
+            TimePoint {
+                t_s: at(k) as f64 / 1e9,
+                in_flight: in_flight.max(0) as u64,
+                output_tok_per_s: tokens[k] / width,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokenfab_sched::Band;
 
     fn trace() -> Vec<TraceRequest> {
         // 3 prompt groups (so round-robin over 4 workers mixes them), 40 requests 20 ms
@@ -429,6 +593,29 @@ mod tests {
             serde_json::to_string(&b).expect("json"),
             "same trace, same seed: the same report"
         );
+    }
+
+    #[test]
+    fn tenants_and_bands_are_reported_and_a_flood_shows_in_jain() {
+        let mut t = trace();
+        for (i, r) in t.iter_mut().enumerate() {
+            // Tenant 0 sends 3 of every 4 requests, in the batch band.
+            (r.tenant, r.band) = if i % 4 == 3 {
+                (1, Band::Interactive)
+            } else {
+                (0, Band::Batch)
+            };
+        }
+        let r = simulate(&t, &config(Policy::PrefixLoad));
+        assert_eq!(r.tenants.len(), 2);
+        assert_eq!(r.tenants[0].requests + r.tenants[1].requests, 40);
+        assert_eq!(r.tenants[1].requests, 10);
+        let bands: Vec<&str> = r.queue_ms_by_band.keys().map(String::as_str).collect();
+        assert_eq!(bands, ["batch", "interactive"]);
+        assert!(r.jain_tenant_ttft > 0.5 && r.jain_tenant_ttft <= 1.0);
+        assert!(r.jain_workers > 0.25 && r.jain_workers <= 1.0);
+        assert_eq!(r.timeline.len(), 201);
+        assert_eq!(r.ttfts.len(), r.completed);
     }
 
     #[test]
