@@ -29,11 +29,11 @@ pub struct CalibrateArgs {
     /// Kernel threads (0: all cores), as `serve --threads`.
     #[arg(long, default_value_t = 0)]
     threads: u32,
-    /// KV cells and sequence slots the profile declares (as `serve` runs by default).
-    #[arg(long, default_value_t = 8192)]
-    kv_tokens: u32,
-    #[arg(long, default_value_t = 64)]
-    slots: u32,
+    /// KV cells and sequence slots the profile declares (default: `serve`'s).
+    #[arg(long)]
+    kv_tokens: Option<u32>,
+    #[arg(long)]
+    slots: Option<u32>,
     /// The machine's price, for cost reports.
     #[arg(long, default_value_t = 0.05)]
     usd_per_hour: f64,
@@ -104,13 +104,14 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         points.push(measure(&mut exec, repeats, &what, &ctxs, p)?);
     }
     let [base, per_token, per_seq, per_kv] = fit(&points);
+    let serve_defaults = crate::config::Config::default().model;
     let entry = ProfileEntry {
         base_ms: round(base * 1e3, 3),
         per_token_us: round(per_token * 1e6, 2),
         per_seq_us: round(per_seq * 1e6, 2),
         per_kv_token_ns: round(per_kv * 1e9, 3),
-        kv_tokens: u64::from(a.kv_tokens),
-        slots: a.slots,
+        kv_tokens: u64::from(a.kv_tokens.unwrap_or(serve_defaults.kv_tokens)),
+        slots: a.slots.unwrap_or(serve_defaults.slots),
         usd_per_hour: a.usd_per_hour,
     };
     let fitted = entry.accelerator().profile;
@@ -331,6 +332,33 @@ fn write_entry(path: &std::path::Path, name: &str, entry: &ProfileEntry) -> anyh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writing_a_profile_keeps_the_files_other_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("profiles.toml");
+        let entry = |base_ms| ProfileEntry {
+            base_ms,
+            per_token_us: 1.0,
+            per_seq_us: 2.0,
+            per_kv_token_ns: 0.5,
+            kv_tokens: 1024,
+            slots: 8,
+            usd_per_hour: 0.1,
+        };
+        write_entry(&path, "cpu:a", &entry(1.0)).expect("write");
+        write_entry(&path, "cpu:b", &entry(2.0)).expect("write");
+        write_entry(&path, "cpu:a", &entry(3.0)).expect("rewrite");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let all = tokenfab_sim::parse_profiles(&text).expect("parses");
+        assert_eq!(all["cpu:a"], entry(3.0));
+        assert_eq!(all["cpu:b"], entry(2.0));
+        std::fs::write(&path, "[profiles.broken]\nbase_ms = \"x\"\n").expect("write");
+        assert!(
+            write_entry(&path, "cpu:a", &entry(1.0)).is_err(),
+            "a broken file is not overwritten"
+        );
+    }
 
     #[test]
     fn the_fit_recovers_a_linear_model() {

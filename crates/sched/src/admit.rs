@@ -42,18 +42,26 @@ impl Scheduler {
     }
 
     /// Predicted time until `req` gets its first token: the prefill work queued ahead of it
-    /// (same or higher band) plus its own prompt, at the measured prefill rate.
+    /// (same or higher band) plus its own prompt, less what the prefix cache holds of
+    /// each, at the measured prefill rate. Counting cached prompts in full would refuse
+    /// exactly the requests a prefix-aware router sends where they are cheap.
     pub(crate) fn predict_ttft(&self, req: &SchedRequest) -> Option<Nanos> {
         let rate = self.prefill_tokens_per_sec()?;
         let ahead: u64 = self
             .queue()
             .iter()
             .filter(|w| w.req.band <= req.band)
-            .map(|w| w.req.prompt.0 + w.generated.0)
+            .map(|w| (w.req.prompt.0 + w.generated.0).saturating_sub(w.cached))
             .sum::<u64>()
             + self.running_prefill_backlog();
-        let tokens = ahead + req.prompt.0;
+        let tokens = ahead + req.prompt.0.saturating_sub(self.cached_prompt_tokens(req));
         Some(Nanos::from_secs_f64(tokens as f64 / rate))
+    }
+
+    /// Prompt tokens of `req` the prefix cache holds now (at most all but the last).
+    pub(crate) fn cached_prompt_tokens(&self, req: &SchedRequest) -> u64 {
+        let hit = self.blocks().lookup(&req.block_hashes).len() as u64;
+        (hit * u64::from(self.blocks().block_tokens())).min(req.prompt.0.saturating_sub(1))
     }
 
     /// How long until the queue has likely drained enough to take `extra` tokens.

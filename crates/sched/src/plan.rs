@@ -99,7 +99,7 @@ impl Scheduler {
         let r = self.running.swap_remove(i);
         self.free_running(&r);
         self.stats.preemptions += 1;
-        self.queue.push(r.req, Tokens(r.generated));
+        self.queue.push(r.req, Tokens(r.generated), 0);
     }
 
     /// When the running batch is full and the next request by policy is owed a place,
@@ -403,7 +403,7 @@ impl Scheduler {
                         self.blocks.release(*b, r.slot);
                     }
                     self.free_slots.push(r.slot);
-                    self.queue.push(r.req, Tokens(r.generated));
+                    self.queue.push(r.req, Tokens(r.generated), r.cached);
                     break;
                 }
             }

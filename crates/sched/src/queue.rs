@@ -15,6 +15,9 @@ pub(crate) struct Waiting {
     pub req: SchedRequest,
     /// Tokens generated before a preemption; they are recomputed with the prompt.
     pub generated: Tokens,
+    /// Prompt tokens found in the prefix cache when it was queued: prefill it will likely
+    /// not need (for TTFT predictions).
+    pub cached: u64,
     /// Order of arrival into the queue, the final tie-break.
     pub seq_no: u64,
 }
@@ -77,13 +80,14 @@ impl WaitQueue {
         self.tokens
     }
 
-    pub(crate) fn push(&mut self, req: SchedRequest, generated: Tokens) {
+    pub(crate) fn push(&mut self, req: SchedRequest, generated: Tokens, cached: u64) {
         self.tokens += req.prompt.0 + generated.0;
         let seq_no = self.next_seq;
         self.next_seq += 1;
         self.bands[req.band.index()].push(Waiting {
             req,
             generated,
+            cached,
             seq_no,
         });
     }
@@ -159,9 +163,9 @@ mod tests {
     fn bands_are_strict_and_tenants_fair() {
         let mut q = WaitQueue::default();
         let mut f = Fairness::default();
-        q.push(req(1, "a", Band::Batch), Tokens(0));
-        q.push(req(2, "a", Band::Standard), Tokens(0));
-        q.push(req(3, "b", Band::Standard), Tokens(0));
+        q.push(req(1, "a", Band::Batch), Tokens(0), 0);
+        q.push(req(2, "a", Band::Standard), Tokens(0), 0);
+        q.push(req(3, "b", Band::Standard), Tokens(0), 0);
         f.charge(&TenantId("a".into()), 1, 100, 0);
         // Band standard first; within it tenant b has the lower counter.
         assert_eq!(q.peek(&f).map(|w| w.req.id), Some(RequestId(3)));

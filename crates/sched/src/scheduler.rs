@@ -286,7 +286,8 @@ impl Scheduler {
             let min = self.active_min_counter();
             self.fair.lift(&req.tenant, min);
         }
-        self.queue.push(req, Tokens(0));
+        let cached = self.cached_prompt_tokens(&req);
+        self.queue.push(req, Tokens(0), cached);
         Ok(shed)
     }
 

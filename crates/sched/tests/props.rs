@@ -618,3 +618,50 @@ fn a_cap_bounds_one_sequence() {
         "max_new clamped to the cap's 128 tokens less the prompt"
     );
 }
+
+/// SLO admission predicts TTFT from the prompt the cache does not hold: a repeat of a
+/// cached prefix is admitted under a target that the same prompt cold would miss.
+#[test]
+fn slo_admission_counts_only_the_uncached_prompt() {
+    let mut cfg = config();
+    // Whole-prompt steps, so the prefill rate is learned from the first request.
+    cfg.max_step_tokens = 512;
+    cfg.max_prefill_chunk = 512;
+    let mut h = Harness::new(cfg);
+    // Learns the prefill rate (toy model: 0.25 ms per prompt token) and caches group 7.
+    h.arrive_grouped("a", Band::Standard, 300, 1, Some(7));
+    settle(&mut h);
+    let prompt = |group: i32| -> Vec<TokenId> {
+        (0..120)
+            .map(|k| {
+                if k < 100 {
+                    TokenId(group * 1000 + k)
+                } else {
+                    TokenId(-9000 - k)
+                }
+            })
+            .collect()
+    };
+    let req = |id, group| SchedRequest {
+        id: RequestId(id),
+        tenant: TenantId("a".into()),
+        band: Band::Standard,
+        weight: 1,
+        prompt: Tokens(120),
+        max_new: Tokens(1),
+        arrival: Nanos(h.now),
+        // 120 tokens cold ≈ 30 ms; with 96 of them cached ≈ 6 ms.
+        slo: Slo {
+            ttft: Some(Nanos::from_millis(15)),
+            tpot: None,
+        },
+        block_hashes: prefix_hashes("a", &prompt(group), 16),
+    };
+    let cold = h.s.admit(Nanos(h.now), req(1000, 8));
+    assert!(
+        matches!(cold, Err(tokenfab_sched::Rejection::SloUnattainable { .. })),
+        "{cold:?}"
+    );
+    let warm = h.s.admit(Nanos(h.now), req(1001, 7));
+    assert!(warm.is_ok(), "{warm:?}");
+}
