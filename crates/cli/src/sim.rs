@@ -133,9 +133,6 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --trace FILE or --synthetic SPEC"),
     };
     let workers = parse_workers(&a.workers)?;
-    if let Some(url) = &a.against {
-        return fidelity(&a, url, trace, workers);
-    }
     let names = a.compare.clone().unwrap_or_else(|| a.policy.clone());
     let policies: Vec<Policy> = names
         .split(',')
@@ -146,6 +143,9 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<_>>()?;
+    if let Some(url) = &a.against {
+        return fidelity(&a, url, trace, workers, policies[0]);
+    }
     // Workers as `tokenfab worker` runs them, with room to queue a whole trace.
     let engine = tokenfab_engine::EngineConfig {
         max_running: 64,
@@ -272,6 +272,7 @@ fn fidelity(
     url: &str,
     mut trace: Vec<TraceRequest>,
     workers: Vec<SimWorker>,
+    policy: Policy,
 ) -> anyhow::Result<()> {
     if workers.len() != 1 {
         anyhow::bail!(
@@ -294,7 +295,6 @@ fn fidelity(
             r.output_tokens = c.max(1);
         }
     }
-    let policy = Policy::parse(&a.policy).unwrap_or(Policy::PrefixLoad);
     let sim = simulate(
         &trace,
         &SimConfig {

@@ -116,4 +116,18 @@ fn a_synthetic_flood_shows_per_tenant_and_band_and_the_plot_is_drawn() {
         .expect("run");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tenants=N"));
+    // The fidelity check compares one server with one simulated worker, and says so.
+    let two = Command::new(env!("CARGO_BIN_EXE_tokenfab"))
+        .args([
+            "sim",
+            "--synthetic",
+            "poisson:1:10:8:8",
+            "--workers",
+            "instant=2",
+        ])
+        .args(["--against", "http://127.0.0.1:9"])
+        .output()
+        .expect("run");
+    assert!(!two.status.success());
+    assert!(String::from_utf8_lossy(&two.stderr).contains("one simulated worker"));
 }
