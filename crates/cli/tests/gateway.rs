@@ -6,7 +6,7 @@ mod common;
 use common::{call, chat_body, client, config, get, serve, MODEL};
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokenfab::config::{Config, PriceConfig};
+use tokenfab::config::{Config, PriceConfig, TenantKvConfig};
 
 const ADMIN: &str = "test-admin-key-0123456789";
 
@@ -695,4 +695,35 @@ async fn an_unreachable_ttft_target_is_refused_up_front() {
     ];
     let r = call(&url, None, &body(400), &relaxed).await;
     assert_eq!(r.status(), 200);
+}
+
+/// A tenant's KV cap over HTTP: a prompt that cannot fit is a 400 naming the quota, and a
+/// request that fits has its output clamped to the cap (finish reason `length`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_kv_cap_refuses_long_prompts_and_clamps_output() {
+    let mut cfg = config();
+    cfg.model.mock = "instant".into();
+    // 4096 KV tokens in 256 blocks; 5 % is 12 blocks: 192 tokens (mock: one per byte).
+    cfg.scheduler.tenants.insert(
+        "local".into(),
+        TenantKvConfig {
+            kv_max_share: Some(0.05),
+            kv_min_share: 0.0,
+        },
+    );
+    let url = common::serve_mock(cfg).await;
+    let ask = |content: String| json!({"model": "mock", "messages": [{"role": "user", "content": content}], "max_tokens": 500});
+    let r = call(&url, None, &ask("x".repeat(300)), &[]).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("share") && msg.contains("192"), "{msg}");
+    let r = call(&url, None, &ask("hi".into()), &[]).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let used = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
+        + v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(used, 192, "{v}");
 }

@@ -110,6 +110,11 @@ fn rejection_message(r: &Rejection) -> String {
              (prompt + max_tokens). Please reduce the length of the messages or max_tokens.",
             limit.0, requested.0
         ),
+        Rejection::OverKvQuota { limit, prompt } => format!(
+            "Your organization's share of this server's KV cache holds at most {} tokens per \
+             sequence, and the prompt has {}. Shorten the prompt.",
+            limit.0, prompt.0
+        ),
         Rejection::EmptyPrompt => "The prompt is empty.".to_owned(),
         Rejection::QueueFull { .. } => "The server is at capacity; retry later.".to_owned(),
         Rejection::SloUnattainable { predicted_ttft, .. } => format!(
@@ -123,7 +128,9 @@ fn rejection_message(r: &Rejection) -> String {
 impl EngineError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            EngineError::Rejected(Rejection::TooLong { .. }) => ErrorCode::ContextLengthExceeded,
+            EngineError::Rejected(Rejection::TooLong { .. } | Rejection::OverKvQuota { .. }) => {
+                ErrorCode::ContextLengthExceeded
+            }
             EngineError::Rejected(Rejection::EmptyPrompt) => ErrorCode::InvalidRequest,
             EngineError::Rejected(
                 Rejection::QueueFull { .. } | Rejection::SloUnattainable { .. },

@@ -10,6 +10,8 @@ use tokenfab_types::{Nanos, RequestId, Tokens};
 pub enum Rejection {
     /// prompt + max_new exceeds what one sequence can ever hold.
     TooLong { limit: Tokens, requested: Tokens },
+    /// The prompt alone reaches the tenant's KV cap (see `KvQuota`).
+    OverKvQuota { limit: Tokens, prompt: Tokens },
     /// The prompt is empty.
     EmptyPrompt,
     /// The bounded queue is full (or the request was shed for a higher band).

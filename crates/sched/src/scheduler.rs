@@ -255,9 +255,9 @@ impl Scheduler {
         if let Some(cap) = self.owners.quota(owner).max_blocks {
             let limit = Tokens(u64::from(cap) * u64::from(self.blocks.block_tokens()));
             if req.prompt >= limit {
-                return Err(Rejection::TooLong {
+                return Err(Rejection::OverKvQuota {
                     limit,
-                    requested: req.prompt + req.max_new,
+                    prompt: req.prompt,
                 });
             }
             req.max_new = req.max_new.min(Tokens(limit.0 - req.prompt.0));

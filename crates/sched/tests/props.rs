@@ -584,7 +584,7 @@ fn a_cap_bounds_one_sequence() {
     assert!(
         matches!(
             err,
-            tokenfab_sched::Rejection::TooLong {
+            tokenfab_sched::Rejection::OverKvQuota {
                 limit: Tokens(128),
                 ..
             }
