@@ -152,13 +152,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     rt.block_on(bench(args))
 }
 
-async fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    // A fresh connection per request, as the peers' neutral client does: reusing idle
-    // keep-alive sockets races with servers that close them.
-    let client = reqwest::Client::builder()
+/// A fresh connection per request, as the peers' neutral client does: reusing idle
+/// keep-alive sockets races with servers that close them.
+fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
         .timeout(Duration::from_secs(900))
         .pool_max_idle_per_host(0)
-        .build()?;
+        .build()
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let client = http_client()?;
     let url = args.url.trim_end_matches('/').to_owned();
     let mut headers = reqwest::header::HeaderMap::new();
     for h in &args.headers {
@@ -285,10 +289,7 @@ pub fn replay(url: &str, trace: &[TraceRequest], max_tokens: u32) -> anyhow::Res
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(900))
-            .pool_max_idle_per_host(0)
-            .build()?;
+        let client = http_client()?;
         let url = url.trim_end_matches('/').to_owned();
         let headers = reqwest::header::HeaderMap::new();
         let model = first_model(&client, &url, &headers).await?;

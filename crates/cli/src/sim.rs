@@ -146,13 +146,10 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     if let Some(url) = &a.against {
         return fidelity(&a, url, trace, workers, policies[0]);
     }
-    // Workers as `tokenfab worker` runs them, with room to queue a whole trace.
-    let engine = tokenfab_engine::EngineConfig {
+    let engine = queue_whole_trace(tokenfab_engine::EngineConfig {
         max_running: 64,
-        max_waiting: 1 << 20,
-        max_waiting_tokens: u64::MAX >> 1,
         ..Default::default()
-    };
+    });
     let started = std::time::Instant::now();
     let reports: Vec<Report> = policies
         .iter()
@@ -266,6 +263,15 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Simulated workers run `engine`, with room to queue a whole trace.
+fn queue_whole_trace(engine: tokenfab_engine::EngineConfig) -> tokenfab_engine::EngineConfig {
+    tokenfab_engine::EngineConfig {
+        max_waiting: 1 << 20,
+        max_waiting_tokens: u64::MAX >> 1,
+        ..engine
+    }
+}
+
 /// `--against URL`: the same trace on the real server and in the simulator.
 fn fidelity(
     a: &SimArgs,
@@ -300,11 +306,7 @@ fn fidelity(
         &SimConfig {
             workers: workers.clone(),
             policy,
-            engine: tokenfab_engine::EngineConfig {
-                max_waiting: 1 << 20,
-                max_waiting_tokens: u64::MAX >> 1,
-                ..Default::default()
-            },
+            engine: queue_whole_trace(tokenfab_engine::EngineConfig::default()),
             slo: tokenfab_sched::Slo::default(),
             seed: a.seed,
         },

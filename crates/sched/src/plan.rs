@@ -120,12 +120,7 @@ impl Scheduler {
         let cheapest = |s: &Self, pick: &dyn Fn(&Running) -> bool| {
             (0..s.running.len())
                 .filter(|&i| pick(&s.running[i]))
-                .min_by_key(|&i| {
-                    (
-                        s.running[i].computed,
-                        std::cmp::Reverse(s.running[i].req.arrival),
-                    )
-                })
+                .min_by_key(|&i| s.running[i].recompute_order())
         };
         let victim = if let Some(lowest) = self.running.iter().map(|r| r.req.band).max() {
             if lowest > band {

@@ -114,12 +114,6 @@ impl Scheduler {
                 let r = &self.running[i];
                 r.owner != owner && !self.protected(r.owner, Some(owner)) && !exclude(r)
             })
-            .min_by_key(|&i| cheapest(&self.running[i]))
+            .min_by_key(|&i| self.running[i].recompute_order())
     }
-}
-
-/// Preemption order among otherwise equal victims: least computed (cheapest to redo),
-/// then the latest arrival.
-pub(crate) fn cheapest(r: &Running) -> (u64, std::cmp::Reverse<tokenfab_types::Nanos>) {
-    (r.computed, std::cmp::Reverse(r.req.arrival))
 }

@@ -257,16 +257,8 @@ impl Router {
             .iter()
             .map(|&i| self.score(req, i, &candidates[i]))
             .collect();
-        // Choose within the sample, then map back to the candidates' indices.
-        let local: Vec<Score> = scores
-            .iter()
-            .enumerate()
-            .map(|(k, s)| Score {
-                index: k,
-                ..s.clone()
-            })
-            .collect();
-        let (k, reason) = pick_within_slo(req, &sample, &local);
+        // Choose within the sample (by position), then map back to the candidates.
+        let (k, reason) = pick_within_slo(req, &sample, &scores);
         Decision {
             chosen: picked[k],
             reason,

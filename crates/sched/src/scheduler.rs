@@ -137,6 +137,12 @@ pub(crate) struct Running {
 }
 
 impl Running {
+    /// Preemption order among otherwise equal victims (lower first): the least computed
+    /// (cheapest to redo), then the latest arrival.
+    pub fn recompute_order(&self) -> (u64, std::cmp::Reverse<Nanos>) {
+        (self.computed, std::cmp::Reverse(self.req.arrival))
+    }
+
     pub fn remaining_prefill(&self) -> u64 {
         self.known - self.computed
     }
