@@ -62,7 +62,7 @@ impl Scheduler {
 
     /// Prompt tokens of `req` the prefix cache holds now (at most all but the last).
     pub(crate) fn cached_prompt_tokens(&self, req: &SchedRequest) -> u64 {
-        let hit = self.blocks().lookup(&req.block_hashes).len() as u64;
+        let hit = self.blocks().cached_len(&req.block_hashes) as u64;
         (hit * u64::from(self.blocks().block_tokens())).min(req.prompt.0.saturating_sub(1))
     }
 

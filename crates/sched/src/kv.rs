@@ -2,7 +2,8 @@
 //! the block), a free list, and a prefix index from chain hashes of block contents to
 //! blocks, salted by cache scope so equal prefixes of different tenants never match.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 use tokenfab_types::{SeqSlot, TokenId};
 
 /// One fixed-size block of KV cells.
@@ -11,8 +12,9 @@ pub struct BlockId(pub u32);
 
 #[derive(Clone, Debug, Default)]
 struct Block {
-    /// Slots whose sequence includes this block; the refcount is its length.
-    holders: Vec<SeqSlot>,
+    /// Slots whose sequence includes this block; the refcount is its length. Inline for
+    /// the usual one or two holders: no second memory access per allocation.
+    holders: SmallVec<[SeqSlot; 2]>,
     /// Chain hash of the block's contents, when it is in the prefix index.
     hash: Option<u64>,
     /// Who allocated it (a tenant's index, see the scheduler's quotas): its KV is
@@ -26,9 +28,15 @@ struct Block {
 #[derive(Clone, Debug)]
 pub struct BlockPool {
     block_tokens: u32,
+    total: u32,
+    /// Blocks handed out at least once (ids `0..blocks.len()`); the rest of the pool is
+    /// untouched and costs no memory, so a simulated 1,000-GPU fleet holds only the KV
+    /// its load reached, not every device's capacity.
     blocks: Vec<Block>,
+    /// Released blocks, reused last-in first-out before untouched ones.
     free: Vec<BlockId>,
-    index: HashMap<u64, BlockId>,
+    /// Keys are already chain hashes: a cheap hasher is enough.
+    index: FxHashMap<u64, BlockId>,
     /// Blocks in use per owner.
     owned: Vec<u32>,
 }
@@ -37,10 +45,10 @@ impl BlockPool {
     pub fn new(total_blocks: u32, block_tokens: u32) -> Self {
         BlockPool {
             block_tokens: block_tokens.max(1),
-            blocks: vec![Block::default(); total_blocks as usize],
-            // Pop from the end: lowest ids first, for readable traces.
-            free: (0..total_blocks).rev().map(BlockId).collect(),
-            index: HashMap::new(),
+            total: total_blocks,
+            blocks: Vec::new(),
+            free: Vec::new(),
+            index: FxHashMap::default(),
             owned: Vec::new(),
         }
     }
@@ -50,11 +58,11 @@ impl BlockPool {
     }
 
     pub fn total(&self) -> u32 {
-        self.blocks.len() as u32
+        self.total
     }
 
     pub fn free_count(&self) -> u32 {
-        self.free.len() as u32
+        self.free.len() as u32 + (self.total - self.blocks.len() as u32)
     }
 
     pub fn used_count(&self) -> u32 {
@@ -68,7 +76,15 @@ impl BlockPool {
 
     /// Take a free block for `slot`, charged to `owner`.
     pub fn allocate(&mut self, slot: SeqSlot, owner: u32) -> Option<BlockId> {
-        let b = self.free.pop()?;
+        // Lowest ids first, for readable traces.
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None if (self.blocks.len() as u32) < self.total => {
+                self.blocks.push(Block::default());
+                BlockId(self.blocks.len() as u32 - 1)
+            }
+            None => return None,
+        };
         let block = &mut self.blocks[b.0 as usize];
         block.holders.push(slot);
         block.owner = owner;
@@ -124,11 +140,11 @@ impl BlockPool {
     }
 
     pub fn refcount(&self, b: BlockId) -> u32 {
-        self.blocks[b.0 as usize].holders.len() as u32
+        self.holders(b).len() as u32
     }
 
     pub fn holders(&self, b: BlockId) -> &[SeqSlot] {
-        &self.blocks[b.0 as usize].holders
+        self.blocks.get(b.0 as usize).map_or(&[], |b| &b.holders)
     }
 
     /// Enter a computed block into the prefix index under `hash`. When another block
@@ -145,7 +161,9 @@ impl BlockPool {
     }
 
     pub fn is_indexed(&self, b: BlockId) -> bool {
-        self.blocks[b.0 as usize].hash.is_some()
+        self.blocks
+            .get(b.0 as usize)
+            .is_some_and(|b| b.hash.is_some())
     }
 
     /// The longest run of `hashes` (from the first) present in the index.
@@ -154,6 +172,15 @@ impl BlockPool {
             .iter()
             .map_while(|h| self.index.get(h).copied())
             .collect()
+    }
+
+    /// How many leading blocks of `hashes` are cached: `lookup(hashes).len()` without
+    /// collecting them.
+    pub fn cached_len(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.index.contains_key(h))
+            .count()
     }
 }
 

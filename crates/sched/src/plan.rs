@@ -6,7 +6,7 @@ use crate::kv::BlockId;
 use crate::queue::Waiting;
 use crate::scheduler::{Running, Scheduler};
 use crate::step::{PrefixCopy, StepPlan, Work};
-use tokenfab_types::{Nanos, RequestId, SeqSlot, TenantId, Tokens};
+use tokenfab_types::{Nanos, RequestId, SeqSlot, Tokens};
 
 impl Scheduler {
     /// Hashes of prompt blocks that running sequences are still prefilling.
@@ -89,7 +89,7 @@ impl Scheduler {
             })
             .max_by_key(|&i| {
                 let r = &self.running[i];
-                (r.req.band, self.fair.counter(&r.req.tenant), r.req.arrival)
+                (r.req.band, self.fair.counter(r.owner), r.req.arrival)
             })
     }
 
@@ -99,7 +99,7 @@ impl Scheduler {
         let r = self.running.swap_remove(i);
         self.free_running(&r);
         self.stats.preemptions += 1;
-        self.queue.push(r.req, Tokens(r.generated), 0);
+        self.queue.push(r.req, r.owner, Tokens(r.generated), 0);
     }
 
     /// When the running batch is full and the next request by policy is owed a place,
@@ -116,7 +116,7 @@ impl Scheduler {
         let Some(next) = self.queue.peek(&self.fair) else {
             return;
         };
-        let (band, tenant, weight) = (next.req.band, next.req.tenant.clone(), next.req.weight);
+        let (band, tenant, weight) = (next.req.band, next.owner, next.req.weight);
         let cheapest = |s: &Self, pick: &dyn Fn(&Running) -> bool| {
             (0..s.running.len())
                 .filter(|&i| pick(&s.running[i]))
@@ -127,31 +127,29 @@ impl Scheduler {
                 cheapest(self, &|r: &Running| r.req.band == lowest)
             } else {
                 // Weighted shares of the batch among the tenants of this band.
-                let mut tenants: Vec<(TenantId, u64, usize)> = Vec::new();
+                let mut tenants: Vec<(u32, u64, usize)> = Vec::new();
                 for r in self.running.iter().filter(|r| r.req.band == band) {
-                    match tenants.iter_mut().find(|t| t.0 == r.req.tenant) {
+                    match tenants.iter_mut().find(|t| t.0 == r.owner) {
                         Some(t) => t.2 += 1,
-                        None => {
-                            tenants.push((r.req.tenant.clone(), u64::from(r.req.weight.max(1)), 1))
-                        }
+                        None => tenants.push((r.owner, u64::from(r.req.weight.max(1)), 1)),
                     }
                 }
                 if !tenants.iter().any(|t| t.0 == tenant) {
-                    tenants.push((tenant.clone(), u64::from(weight.max(1)), 0));
+                    tenants.push((tenant, u64::from(weight.max(1)), 0));
                 }
                 let total: u64 = tenants.iter().map(|t| t.1).sum();
                 // count < full × w / W, compared without division.
                 let below = |count: usize, w: u64| (count as u64) * total < full as u64 * w;
                 let above = |count: usize, w: u64| (count as u64) * total > full as u64 * w;
                 let mine = tenants.iter().find(|t| t.0 == tenant).map_or(0, |t| t.2);
-                let over: Vec<TenantId> = tenants
+                let over: Vec<u32> = tenants
                     .iter()
                     .filter(|t| t.0 != tenant && above(t.2, t.1))
-                    .map(|t| t.0.clone())
+                    .map(|t| t.0)
                     .collect();
                 if below(mine, u64::from(weight.max(1))) && !over.is_empty() {
                     cheapest(self, &|r: &Running| {
-                        r.req.band == band && over.contains(&r.req.tenant)
+                        r.req.band == band && over.contains(&r.owner)
                     })
                 } else {
                     None
@@ -173,20 +171,23 @@ impl Scheduler {
         let max_budget = u64::from(self.cfg.max_step_tokens);
         let mut budget = max_budget;
         let mut work: Vec<Work> = Vec::new();
+        for r in &mut self.running {
+            r.planned = false;
+        }
 
         // 1. Decodes, in admission order. When KV runs out: evict cache entries, then
         //    preempt the victim.
         let mut i = 0;
         while i < self.running.len() {
             let r = &self.running[i];
-            let planned = work.iter().any(|w| w.id == r.req.id);
-            if planned || r.computed == 0 || r.remaining_prefill() != 1 || budget == 0 {
+            if r.planned || r.computed == 0 || r.remaining_prefill() != 1 || budget == 0 {
                 i += 1;
                 continue;
             }
             let tokens = r.computed + 1;
             if self.reserve(i, tokens, &[]) {
-                let r = &self.running[i];
+                let r = &mut self.running[i];
+                r.planned = true;
                 work.push(Work {
                     id: r.req.id,
                     slot: r.slot,
@@ -230,7 +231,7 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            if work.iter().any(|w| w.id == self.running[i].req.id) {
+            if self.running[i].planned {
                 continue;
             }
             if let Some(w) = self.prefill_chunk(i, &mut budget, &adm.pinned) {
@@ -278,15 +279,13 @@ impl Scheduler {
             // A request of a tenant whose running sequences leave no room under its cap for
             // this prompt waits for them, without holding up other tenants.
             let Some(next) = self.queue.peek_where(&self.fair, |w| {
-                let cached = self.blocks.lookup(&w.req.block_hashes).len();
+                let cached = self.blocks.cached_len(&w.req.block_hashes);
                 let capped = !self.cfg.kv_quotas.is_empty()
-                    && self.owners.get(&w.req.tenant).is_some_and(|o| {
-                        self.owners.quota(o).max_blocks.is_some_and(|cap| {
-                            let known = w.req.prompt.0 + w.generated.0;
-                            self.committed(o) + self.blocks.blocks_for(known)
-                                - cached.min(self.blocks.blocks_for(known) as usize) as u32
-                                > cap
-                        })
+                    && self.owners.quota(w.owner).max_blocks.is_some_and(|cap| {
+                        let known = w.req.prompt.0 + w.generated.0;
+                        self.committed(w.owner) + self.blocks.blocks_for(known)
+                            - cached.min(self.blocks.blocks_for(known) as usize) as u32
+                            > cap
                     });
                 capped
                     || w.req
@@ -297,7 +296,7 @@ impl Scheduler {
                 break;
             };
             let (id, known) = (next.req.id, next.req.prompt.0 + next.generated.0);
-            let owner = self.owners.intern(&next.req.tenant, &self.cfg.kv_quotas);
+            let owner = next.owner;
             // At least the last prompt token is computed, for the first token's logits.
             let mut hit = self.match_prefix(&next.req.block_hashes, known - 1);
             let reused_of = |hit: &Option<(Vec<BlockId>, SeqSlot)>, bt: u32| {
@@ -383,6 +382,7 @@ impl Scheduler {
                 known,
                 generated: generated.0,
                 cached: reused,
+                planned: false,
             });
             let i = self.running.len() - 1;
             match self.prefill_chunk(i, budget, &adm.pinned) {
@@ -398,7 +398,8 @@ impl Scheduler {
                         self.blocks.release(*b, r.slot);
                     }
                     self.free_slots.push(r.slot);
-                    self.queue.push(r.req, Tokens(r.generated), r.cached);
+                    self.queue
+                        .push(r.req, r.owner, Tokens(r.generated), r.cached);
                     break;
                 }
             }
@@ -450,7 +451,8 @@ impl Scheduler {
         if !self.reserve(i, end, pinned) {
             return None;
         }
-        let r = &self.running[i];
+        let r = &mut self.running[i];
+        r.planned = true;
         *budget -= n;
         Some(Work {
             id: r.req.id,

@@ -3,8 +3,7 @@
 //! Language Models", OSDI 2024); within a tenant, earliest deadline first.
 
 use crate::request::{Band, SchedRequest};
-use std::collections::BTreeMap;
-use tokenfab_types::{RequestId, TenantId, Tokens};
+use tokenfab_types::{RequestId, Tokens};
 
 /// Fixed-point scale of virtual-token counters, so weights divide without floats.
 const VTC_SCALE: u64 = 1_000;
@@ -13,6 +12,8 @@ const VTC_SCALE: u64 = 1_000;
 #[derive(Clone, Debug)]
 pub(crate) struct Waiting {
     pub req: SchedRequest,
+    /// The tenant's index in the scheduler's owner table (see `quota::Owners`).
+    pub owner: u32,
     /// Tokens generated before a preemption; they are recomputed with the prompt.
     pub generated: Tokens,
     /// Prompt tokens found in the prefix cache when it was queued: prefill it will likely
@@ -22,34 +23,37 @@ pub(crate) struct Waiting {
     pub seq_no: u64,
 }
 
-/// Per-tenant virtual token counters.
+/// Per-tenant virtual token counters, indexed by the tenant's owner index (interned once
+/// at submission, so the hot path compares integers, not tenant names).
 #[derive(Clone, Debug, Default)]
 pub struct Fairness {
-    counters: BTreeMap<TenantId, u64>,
+    counters: Vec<u64>,
 }
 
 impl Fairness {
-    pub fn counter(&self, t: &TenantId) -> u64 {
-        self.counters.get(t).copied().unwrap_or(0)
+    pub fn counter(&self, owner: u32) -> u64 {
+        self.counters.get(owner as usize).copied().unwrap_or(0)
+    }
+
+    fn slot(&mut self, owner: u32) -> &mut u64 {
+        let i = owner as usize;
+        if i >= self.counters.len() {
+            self.counters.resize(i + 1, 0);
+        }
+        &mut self.counters[i]
     }
 
     /// Charge `prompt` prefilled and `output` generated tokens to a tenant:
     /// prompt ×1, output ×2, divided by the tenant's weight.
-    pub fn charge(&mut self, t: &TenantId, weight: u32, prompt: u64, output: u64) {
-        let cost = (prompt + 2 * output) * VTC_SCALE / u64::from(weight.max(1));
-        match self.counters.get_mut(t) {
-            Some(c) => *c += cost,
-            None => {
-                self.counters.insert(t.clone(), cost);
-            }
-        }
+    pub fn charge(&mut self, owner: u32, weight: u32, prompt: u64, output: u64) {
+        *self.slot(owner) += (prompt + 2 * output) * VTC_SCALE / u64::from(weight.max(1));
     }
 
     /// A tenant returning from idle is lifted to the minimum counter of the active
     /// tenants, so it cannot bank credit while away.
-    pub fn lift(&mut self, t: &TenantId, active_min: Option<u64>) {
+    pub fn lift(&mut self, owner: u32, active_min: Option<u64>) {
         if let Some(min) = active_min {
-            let c = self.counters.entry(t.clone()).or_insert(0);
+            let c = self.slot(owner);
             *c = (*c).max(min);
         }
     }
@@ -80,24 +84,25 @@ impl WaitQueue {
         self.tokens
     }
 
-    pub(crate) fn push(&mut self, req: SchedRequest, generated: Tokens, cached: u64) {
+    pub(crate) fn push(&mut self, req: SchedRequest, owner: u32, generated: Tokens, cached: u64) {
         self.tokens += req.prompt.0 + generated.0;
         let seq_no = self.next_seq;
         self.next_seq += 1;
         self.bands[req.band.index()].push(Waiting {
             req,
+            owner,
             generated,
             cached,
             seq_no,
         });
     }
 
-    pub(crate) fn contains_tenant(&self, t: &TenantId) -> bool {
-        self.bands.iter().flatten().any(|w| &w.req.tenant == t)
+    pub(crate) fn contains_owner(&self, owner: u32) -> bool {
+        self.bands.iter().flatten().any(|w| w.owner == owner)
     }
 
-    pub(crate) fn tenants(&self) -> impl Iterator<Item = &TenantId> {
-        self.bands.iter().flatten().map(|w| &w.req.tenant)
+    pub(crate) fn owners(&self) -> impl Iterator<Item = u32> + '_ {
+        self.bands.iter().flatten().map(|w| w.owner)
     }
 
     /// The request the policy would admit next, without removing it.
@@ -114,8 +119,8 @@ impl WaitQueue {
     ) -> Option<&Waiting> {
         self.bands.iter().find_map(|band| {
             band.iter().filter(|w| !defer(w)).min_by(|a, b| {
-                (fair.counter(&a.req.tenant), a.req.deadline(), a.seq_no).cmp(&(
-                    fair.counter(&b.req.tenant),
+                (fair.counter(a.owner), a.req.deadline(), a.seq_no).cmp(&(
+                    fair.counter(b.owner),
                     b.req.deadline(),
                     b.seq_no,
                 ))
@@ -143,7 +148,7 @@ impl WaitQueue {
 mod tests {
     use super::*;
     use crate::request::Slo;
-    use tokenfab_types::Nanos;
+    use tokenfab_types::{Nanos, TenantId};
 
     fn req(id: u64, tenant: &str, band: Band) -> SchedRequest {
         SchedRequest {
@@ -163,10 +168,11 @@ mod tests {
     fn bands_are_strict_and_tenants_fair() {
         let mut q = WaitQueue::default();
         let mut f = Fairness::default();
-        q.push(req(1, "a", Band::Batch), Tokens(0), 0);
-        q.push(req(2, "a", Band::Standard), Tokens(0), 0);
-        q.push(req(3, "b", Band::Standard), Tokens(0), 0);
-        f.charge(&TenantId("a".into()), 1, 100, 0);
+        let (a, b) = (0, 1);
+        q.push(req(1, "a", Band::Batch), a, Tokens(0), 0);
+        q.push(req(2, "a", Band::Standard), a, Tokens(0), 0);
+        q.push(req(3, "b", Band::Standard), b, Tokens(0), 0);
+        f.charge(a, 1, 100, 0);
         // Band standard first; within it tenant b has the lower counter.
         assert_eq!(q.peek(&f).map(|w| w.req.id), Some(RequestId(3)));
         q.remove(RequestId(3));

@@ -10,7 +10,7 @@
 
 use crate::kv::fnv1a;
 use rustc_hash::FxHashMap;
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use tokenfab_types::Nanos;
 
 /// Above this many candidates, `prefix-load` scores a sample instead of every worker: the
@@ -153,6 +153,9 @@ pub struct Router {
     prefixes: FxHashMap<u64, PrefixEstimate>,
     /// Per first prompt block, the workers last sent it (for sampling large fleets).
     holders: FxHashMap<u64, Vec<u64>>,
+    /// Worker id → its index in the last candidate list seen by the sampled path
+    /// (checked on use, rebuilt when the list changed).
+    positions: FxHashMap<u64, usize>,
     block_capacity: usize,
     block_tokens: u64,
 }
@@ -166,6 +169,7 @@ impl Router {
             cursor: 0,
             prefixes: FxHashMap::default(),
             holders: FxHashMap::default(),
+            positions: FxHashMap::default(),
             block_capacity: block_capacity.max(1),
             block_tokens: block_tokens.max(1),
         }
@@ -239,7 +243,27 @@ impl Router {
         }
         let mut picked: Vec<usize> = Vec::with_capacity(SAMPLE + HOLDERS);
         if let Some(ids) = req.blocks.first().and_then(|b| self.holders.get(b)) {
-            picked.extend((0..n).filter(|&i| ids.contains(&candidates[i].id)));
+            let mut rebuilt = false;
+            for id in ids {
+                let at = |p: &FxHashMap<u64, usize>| {
+                    p.get(id)
+                        .copied()
+                        .filter(|&i| candidates.get(i).is_some_and(|w| w.id == *id))
+                };
+                let mut found = at(&self.positions);
+                if found.is_none() && !rebuilt {
+                    // The list changed since (or the worker left): index it again, once.
+                    self.positions = candidates
+                        .iter()
+                        .enumerate()
+                        .map(|(i, w)| (w.id, i))
+                        .collect();
+                    rebuilt = true;
+                    found = at(&self.positions);
+                }
+                picked.extend(found);
+            }
+            picked.sort_unstable();
         }
         let mut x = fnv1a(start, b"sample") | 1;
         for _ in 0..SAMPLE {
@@ -454,8 +478,11 @@ fn pick_within_slo(req: &RouteRequest<'_>, c: &[WorkerLoad], s: &[Score]) -> (us
 struct PrefixEstimate {
     capacity: usize,
     tick: u64,
+    /// Block hash → tick of its last touch.
     last: FxHashMap<u64, u64>,
-    by_age: BTreeMap<u64, u64>,
+    /// Touches in tick order; an entry is stale once its block was touched again
+    /// (lazy deletion: no ordered-map update per touch).
+    touches: VecDeque<(u64, u64)>,
 }
 
 impl PrefixEstimate {
@@ -464,7 +491,7 @@ impl PrefixEstimate {
             capacity,
             tick: 0,
             last: FxHashMap::default(),
-            by_age: BTreeMap::new(),
+            touches: VecDeque::new(),
         }
     }
 
@@ -483,16 +510,22 @@ impl PrefixEstimate {
     fn touch(&mut self, blocks: &[u64]) {
         for &h in blocks {
             self.tick += 1;
-            if let Some(old) = self.last.insert(h, self.tick) {
-                self.by_age.remove(&old);
-            }
-            self.by_age.insert(self.tick, h);
+            self.last.insert(h, self.tick);
+            self.touches.push_back((self.tick, h));
         }
+        // Forget the least recently touched blocks beyond capacity.
         while self.last.len() > self.capacity {
-            let Some((_, h)) = self.by_age.pop_first() else {
+            let Some((t, h)) = self.touches.pop_front() else {
                 break;
             };
-            self.last.remove(&h);
+            if self.last.get(&h) == Some(&t) {
+                self.last.remove(&h);
+            }
+        }
+        // Drop stale touches once they outnumber live ones, keeping memory bounded.
+        if self.touches.len() > self.last.len() + self.last.len() / 2 + 64 {
+            let last = &self.last;
+            self.touches.retain(|(t, h)| last.get(h) == Some(t));
         }
     }
 }
@@ -612,6 +645,14 @@ mod tests {
             d.scores.len()
         );
         assert_eq!(d.chosen_score().map(|s| s.cached_blocks), Some(20));
+        // The fleet changed (workers left, so 321 moved): the holder is found at its new
+        // place, and one that left is simply not a candidate.
+        let fewer: Vec<WorkerLoad> = ws.iter().skip(10).cloned().collect();
+        let d = r.route(&req, &fewer).expect("decision");
+        assert_eq!(fewer[d.chosen].id, 321);
+        let without: Vec<WorkerLoad> = ws.iter().filter(|w| w.id != 321).cloned().collect();
+        let d = r.route(&req, &without).expect("decision");
+        assert_ne!(without[d.chosen].id, 321);
         // A cold prompt goes to the least loaded of the sample, deterministically.
         let cold = RouteRequest {
             prompt_tokens: 320,
@@ -686,6 +727,35 @@ mod tests {
         assert_eq!(p.matched(&[1]), 1);
         assert_eq!(p.matched(&[2]), 0, "oldest evicted");
         assert_eq!(p.len(), 3);
+    }
+
+    #[test]
+    fn the_estimate_is_exactly_lru_under_repeated_touches() {
+        // Against a plain model: the `cap` most recently touched distinct blocks.
+        let cap = 50;
+        let mut p = PrefixEstimate::new(cap);
+        let mut order: Vec<u64> = Vec::new();
+        let mut x = 7u64;
+        for _ in 0..5_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let h = (x >> 33) % 80;
+            p.touch(&[h]);
+            order.retain(|&o| o != h);
+            order.push(h);
+            if order.len() > cap {
+                order.remove(0);
+            }
+            assert_eq!(p.len(), order.len());
+        }
+        for h in 0..80 {
+            assert_eq!(p.matched(&[h]) == 1, order.contains(&h), "block {h}");
+        }
+        assert!(
+            p.touches.len() <= cap + cap / 2 + 64 + 1,
+            "stale touches are dropped"
+        );
     }
 
     #[test]

@@ -134,6 +134,8 @@ pub(crate) struct Running {
     /// Prompt tokens already charged to the tenant's fairness counter (recomputation
     /// after a preemption and cache hits are not charged).
     pub charged_prompt: u64,
+    /// Has work in the plan being built (so planning stays linear in the batch).
+    pub planned: bool,
 }
 
 impl Running {
@@ -288,24 +290,24 @@ impl Scheduler {
                 shed.push(Ended::Shed { id, retry_after });
             }
         }
-        if !self.is_active(&req.tenant) {
+        if !self.is_active(owner) {
             let min = self.active_min_counter();
-            self.fair.lift(&req.tenant, min);
+            self.fair.lift(owner, min);
         }
         let cached = self.cached_prompt_tokens(&req);
-        self.queue.push(req, Tokens(0), cached);
+        self.queue.push(req, owner, Tokens(0), cached);
         Ok(shed)
     }
 
-    fn is_active(&self, t: &TenantId) -> bool {
-        self.queue.contains_tenant(t) || self.running.iter().any(|r| &r.req.tenant == t)
+    fn is_active(&self, owner: u32) -> bool {
+        self.queue.contains_owner(owner) || self.running.iter().any(|r| r.owner == owner)
     }
 
     fn active_min_counter(&self) -> Option<u64> {
         self.queue
-            .tenants()
-            .chain(self.running.iter().map(|r| &r.req.tenant))
-            .map(|t| self.fair.counter(t))
+            .owners()
+            .chain(self.running.iter().map(|r| r.owner))
+            .map(|o| self.fair.counter(o))
             .min()
     }
 
@@ -378,14 +380,11 @@ impl Scheduler {
         let mut sampled = result.sampled.iter();
         let mut ended = Vec::new();
         let bt = u64::from(self.blocks.block_tokens());
-        // Where each work item's sequence is in the running batch (one pass, not one
-        // search per item); finished sequences leave after the loop.
-        let at: rustc_hash::FxHashMap<RequestId, usize> = self
-            .running
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.req.id, i))
-            .collect();
+        // Where each work item's sequence is in the running batch: work follows the batch's
+        // order unless a cancel reshuffled it, so try the slot after the last match first
+        // and index the batch (once) only on a miss. Finished sequences leave after the loop.
+        let mut at: Option<rustc_hash::FxHashMap<RequestId, usize>> = None;
+        let mut hint = 0;
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         for w in &work {
             let eog = if w.sample {
@@ -396,9 +395,19 @@ impl Scheduler {
             } else {
                 None
             };
-            let Some(&i) = at.get(&w.id) else {
-                continue;
+            let i = if self.running.get(hint).is_some_and(|r| r.req.id == w.id) {
+                hint
+            } else {
+                let at = at.get_or_insert_with(|| {
+                    let at = self.running.iter().enumerate();
+                    at.map(|(i, r)| (r.req.id, i)).collect()
+                });
+                let Some(&i) = at.get(&w.id) else {
+                    continue;
+                };
+                i
             };
+            hint = i + 1;
             let r = &mut self.running[i];
             r.computed += u64::from(w.n);
             // Index prompt blocks that are now fully computed.
@@ -430,9 +439,7 @@ impl Scheduler {
                     reason = Some(FinishReason::Length);
                 }
             }
-            let weight = r.req.weight;
-            self.fair
-                .charge(&self.running[i].req.tenant, weight, new_prompt, out);
+            self.fair.charge(r.owner, r.req.weight, new_prompt, out);
             if let Some(reason) = reason {
                 finished.push((i, reason));
             }

@@ -7,6 +7,7 @@
 
 use crate::profile::StepProfile;
 use crate::trace::TraceRequest;
+use rustc_hash::FxHashMap;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use tokenfab_engine::{EngineConfig, ExecutorCapacity};
@@ -144,6 +145,9 @@ struct Life {
 
 struct Worker {
     sched: Scheduler,
+    /// Its requests not yet ended: tokens sampled so far and uncached prompt tokens
+    /// (a small map per worker, so a step does not touch every request's `Life`).
+    progress: FxHashMap<RequestId, (u64, u64)>,
     busy: bool,
     /// The work of the step under way.
     work: Vec<Work>,
@@ -181,6 +185,7 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
             };
             Worker {
                 sched: Scheduler::new(cfg.engine.sched_config(&cap)),
+                progress: FxHashMap::default(),
                 busy: false,
                 work: Vec::new(),
                 step_time: Nanos(0),
@@ -188,20 +193,36 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
             }
         })
         .collect();
-    let mut router = Router::new(cfg.policy, 1 << 20, u64::from(block_tokens));
+    // The router's estimate of a worker's prefix cache holds no more than the largest
+    // worker's KV could (it ages out the oldest blocks beyond that, as eviction would).
+    let kv_blocks =
+        cfg.workers.iter().map(|w| w.kv_tokens).max().unwrap_or(0) / u64::from(block_tokens);
+    let mut router = Router::new(cfg.policy, kv_blocks as usize, u64::from(block_tokens));
     let mut lives = vec![Life::default(); trace.len()];
-    let mut events: BinaryHeap<Reverse<(Nanos, u64, Event)>> = BinaryHeap::new();
+    // Arrivals are read in time order from the trace (a stable sort, for traces that are
+    // not sorted); only step completions, at most one per worker, go through the heap. At
+    // equal times arrivals come first.
+    let mut arrivals: Vec<usize> = (0..trace.len()).collect();
+    arrivals.sort_by_key(|&i| trace[i].arrival);
+    let mut arrivals = arrivals.into_iter().peekable();
+    let mut steps: BinaryHeap<Reverse<(Nanos, u64, usize)>> = BinaryHeap::new();
     let mut seq = 0u64;
-    for (i, r) in trace.iter().enumerate() {
-        events.push(Reverse((r.arrival, seq, Event::Arrival(i))));
-        seq += 1;
-    }
     let tenants: Vec<TenantId> = (0..=trace.iter().map(|r| r.tenant).max().unwrap_or(0))
         .map(|t| TenantId(format!("t{t}")))
         .collect();
     let mut events_done = 0u64;
     let mut now = Nanos(0);
-    while let Some(Reverse((t, _, ev))) = events.pop() {
+    loop {
+        let next_step = steps.peek().map(|Reverse((t, _, _))| *t);
+        let (t, ev) = if let Some(i) =
+            arrivals.next_if(|&i| next_step.is_none_or(|s| trace[i].arrival <= s))
+        {
+            (trace[i].arrival, Event::Arrival(i))
+        } else if let Some(Reverse((t, _, w))) = steps.pop() {
+            (t, Event::StepDone(w))
+        } else {
+            break;
+        };
         now = t;
         events_done += 1;
         let w = match ev {
@@ -243,9 +264,11 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                         l.queued_prefill_tokens += uncached;
                         l.outstanding_decode_tokens += r.output_tokens.max(1);
                         lives[i].uncached = uncached;
-                        workers[w].served += 1;
+                        let wk = &mut workers[w];
+                        wk.served += 1;
+                        wk.progress.insert(RequestId(i as u64 + 1), (0, uncached));
                         for e in shed {
-                            end(&mut lives, &mut loads[w], e, now, trace);
+                            end(&mut lives, &mut wk.progress, &mut loads[w], e, now, trace);
                         }
                     }
                     Err(_) => lives[i].rejected = true,
@@ -263,20 +286,21 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                 for x in work.iter().filter(|x| x.sample) {
                     // Timing-model tokens never end a generation; the length limit does.
                     result.sampled.push((x.id, false));
-                    let i = (x.id.0 - 1) as usize;
-                    let life = &mut lives[i];
-                    if life.first.is_none() {
-                        life.first = Some(now);
+                    let Some((tokens, uncached)) = wk.progress.get_mut(&x.id) else {
+                        continue;
+                    };
+                    if *tokens == 0 {
+                        lives[(x.id.0 - 1) as usize].first = Some(now);
                         load.queued_prefill_tokens =
-                            load.queued_prefill_tokens.saturating_sub(life.uncached);
+                            load.queued_prefill_tokens.saturating_sub(*uncached);
                     }
-                    life.tokens += 1;
+                    *tokens += 1;
                     load.outstanding_decode_tokens =
                         load.outstanding_decode_tokens.saturating_sub(1);
                 }
                 wk.busy = false;
                 for e in wk.sched.complete(now, &result) {
-                    end(&mut lives, load, e, now, trace);
+                    end(&mut lives, &mut wk.progress, load, e, now, trace);
                 }
                 // As the worker reports it on /health (at least 1: known).
                 let b = wk.sched.blocks();
@@ -289,7 +313,7 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
             if let Some(done) =
                 start_step(&mut workers[w], now, &cfg.workers[w].profile, &mut lives)
             {
-                events.push(Reverse((done, seq, Event::StepDone(w))));
+                steps.push(Reverse((done, seq, w)));
                 seq += 1;
             }
         }
@@ -328,9 +352,17 @@ fn start_step(
     None
 }
 
-fn end(lives: &mut [Life], l: &mut WorkerLoad, e: Ended, now: Nanos, trace: &[TraceRequest]) {
+fn end(
+    lives: &mut [Life],
+    progress: &mut FxHashMap<RequestId, (u64, u64)>,
+    l: &mut WorkerLoad,
+    e: Ended,
+    now: Nanos,
+    trace: &[TraceRequest],
+) {
     let i = (e.id().0 - 1) as usize;
     let life = &mut lives[i];
+    life.tokens = progress.remove(&e.id()).map_or(0, |(tokens, _)| tokens);
     match e {
         Ended::Finished { .. } => life.end = Some(now),
         Ended::Shed { .. } => life.rejected = true,
