@@ -1,11 +1,12 @@
 //! The engine's [`Executor`] on llama.cpp: one context with a unified KV cache shared by
-//! all sequence slots; each step is one `llama_decode` over every sequence's tokens.
+//! all sequence slots; each step is one or two `llama_decode` calls over every sequence's
+//! tokens (see [`split_calls`]).
 
 use crate::model::{backend, LoadedModel, ModelError};
+use crate::sample::Sampler;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use std::num::NonZeroU32;
 use tokenfab_engine::{BatchEntry, ExecError, Executor, ExecutorCapacity, Sampled, SamplingParams};
@@ -41,7 +42,7 @@ impl Default for LlamaExecutorConfig {
 pub struct LlamaExecutor {
     ctx: LlamaContext<'static>,
     batch: LlamaBatch<'static>,
-    samplers: Vec<Option<LlamaSampler>>,
+    samplers: Vec<Option<Sampler>>,
     model: &'static llama_cpp_2::model::LlamaModel,
     capacity: ExecutorCapacity,
 }
@@ -93,24 +94,6 @@ impl LlamaExecutor {
     }
 }
 
-fn sampler_for(p: &SamplingParams) -> LlamaSampler {
-    if p.temperature <= 0.0 {
-        return LlamaSampler::greedy();
-    }
-    let mut chain = Vec::with_capacity(4);
-    if p.top_k > 0 {
-        chain.push(LlamaSampler::top_k(p.top_k as i32));
-    }
-    if p.top_p < 1.0 {
-        chain.push(LlamaSampler::top_p(p.top_p, 1));
-    }
-    chain.push(LlamaSampler::temp(p.temperature));
-    // llama.cpp seeds are 32-bit; fold the 64-bit seed so every bit counts.
-    let seed = (p.seed ^ (p.seed >> 32)) as u32;
-    chain.push(LlamaSampler::dist(seed));
-    LlamaSampler::chain_simple(chain)
-}
-
 impl Executor for LlamaExecutor {
     fn capacity(&self) -> ExecutorCapacity {
         self.capacity
@@ -127,7 +110,7 @@ impl Executor for LlamaExecutor {
     fn begin(&mut self, slot: SeqSlot, params: &SamplingParams) {
         let _ = self.ctx.clear_kv_cache_seq(Some(slot.0), None, None);
         if let Some(s) = self.samplers.get_mut(slot.0 as usize) {
-            *s = Some(sampler_for(params));
+            *s = Some(Sampler::new(params));
         }
     }
 
@@ -281,9 +264,13 @@ mod tests {
         assert_eq!(b, vec![16]);
         // Below one tile, only decodes, or only chunks: one call.
         assert_eq!(split_calls(&batch[..17]).1, vec![16]);
-        assert!(split_calls(&[entry(0, &one), entry(1, &small)]).1.is_empty());
+        assert!(split_calls(&[entry(0, &one), entry(1, &small)])
+            .1
+            .is_empty());
         let decodes: Vec<BatchEntry> = (0..80).map(|s| entry(s, &one)).collect();
         assert!(split_calls(&decodes).1.is_empty());
-        assert!(split_calls(&[entry(0, &chunk), entry(1, &chunk)]).1.is_empty());
+        assert!(split_calls(&[entry(0, &chunk), entry(1, &chunk)])
+            .1
+            .is_empty());
     }
 }

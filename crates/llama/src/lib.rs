@@ -9,6 +9,7 @@
 mod executor;
 mod model;
 pub mod pull;
+mod sample;
 mod template;
 
 pub use executor::{LlamaExecutor, LlamaExecutorConfig};
