@@ -75,8 +75,13 @@ pub enum Ended {
         /// preemption).
         cached: Tokens,
     },
-    /// Shed from the queue after admission to make room for a higher band.
-    Shed { id: RequestId, retry_after: Nanos },
+    /// Shed from the queue after admission to make room for a higher band (`generated`:
+    /// tokens it produced before a preemption sent it back to the queue).
+    Shed {
+        id: RequestId,
+        retry_after: Nanos,
+        generated: Tokens,
+    },
 }
 
 impl Ended {
@@ -285,9 +290,13 @@ impl Scheduler {
             })?;
             let retry_after = self.retry_after(0);
             for id in victims {
-                self.queue.remove(id);
+                let generated = self.queue.remove(id).map_or(Tokens(0), |w| w.generated);
                 self.stats.shed += 1;
-                shed.push(Ended::Shed { id, retry_after });
+                shed.push(Ended::Shed {
+                    id,
+                    retry_after,
+                    generated,
+                });
             }
         }
         if !self.is_active(owner) {

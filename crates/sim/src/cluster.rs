@@ -7,7 +7,6 @@
 
 use crate::profile::StepProfile;
 use crate::trace::TraceRequest;
-use rustc_hash::FxHashMap;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use tokenfab_engine::{EngineConfig, ExecutorCapacity};
@@ -145,9 +144,9 @@ struct Life {
 
 struct Worker {
     sched: Scheduler,
-    /// Its requests not yet ended: tokens sampled so far and uncached prompt tokens
-    /// (a small map per worker, so a step does not touch every request's `Life`).
-    progress: FxHashMap<RequestId, (u64, u64)>,
+    /// Its running requests still waiting for their first token, with their uncached
+    /// prompt tokens: a few entries, so a step's tokens need not touch each `Life`.
+    awaiting: Vec<(RequestId, u64)>,
     busy: bool,
     /// The work of the step under way.
     work: Vec<Work>,
@@ -185,7 +184,7 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
             };
             Worker {
                 sched: Scheduler::new(cfg.engine.sched_config(&cap)),
-                progress: FxHashMap::default(),
+                awaiting: Vec::new(),
                 busy: false,
                 work: Vec::new(),
                 step_time: Nanos(0),
@@ -266,9 +265,8 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                         lives[i].uncached = uncached;
                         let wk = &mut workers[w];
                         wk.served += 1;
-                        wk.progress.insert(RequestId(i as u64 + 1), (0, uncached));
                         for e in shed {
-                            end(&mut lives, &mut wk.progress, &mut loads[w], e, now, trace);
+                            end(&mut lives, &mut wk.awaiting, &mut loads[w], e, now, trace);
                         }
                     }
                     Err(_) => lives[i].rejected = true,
@@ -286,21 +284,18 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                 for x in work.iter().filter(|x| x.sample) {
                     // Timing-model tokens never end a generation; the length limit does.
                     result.sampled.push((x.id, false));
-                    let Some((tokens, uncached)) = wk.progress.get_mut(&x.id) else {
-                        continue;
-                    };
-                    if *tokens == 0 {
+                    if let Some(k) = wk.awaiting.iter().position(|(id, _)| *id == x.id) {
+                        let (_, uncached) = wk.awaiting.swap_remove(k);
                         lives[(x.id.0 - 1) as usize].first = Some(now);
                         load.queued_prefill_tokens =
-                            load.queued_prefill_tokens.saturating_sub(*uncached);
+                            load.queued_prefill_tokens.saturating_sub(uncached);
                     }
-                    *tokens += 1;
                     load.outstanding_decode_tokens =
                         load.outstanding_decode_tokens.saturating_sub(1);
                 }
                 wk.busy = false;
                 for e in wk.sched.complete(now, &result) {
-                    end(&mut lives, &mut wk.progress, load, e, now, trace);
+                    end(&mut lives, &mut wk.awaiting, load, e, now, trace);
                 }
                 // As the worker reports it on /health (at least 1: known).
                 let b = wk.sched.blocks();
@@ -334,9 +329,13 @@ fn start_step(
     for _ in 0..8 {
         let plan = w.sched.plan(now);
         if !plan.work.is_empty() {
-            for x in &plan.work {
-                let life = &mut lives[(x.id.0 - 1) as usize];
+            // Sequences join the batch only with work in the same step.
+            for (id, _) in &plan.start {
+                let life = &mut lives[(id.0 - 1) as usize];
                 life.started.get_or_insert(now);
+                if life.first.is_none() && !w.awaiting.iter().any(|a| a.0 == *id) {
+                    w.awaiting.push((*id, life.uncached));
+                }
             }
             let kv: u64 = plan.work.iter().map(|w| w.pos + u64::from(w.n)).sum();
             let t = profile.step_time(plan.tokens(), plan.work.len() as u64, kv);
@@ -354,7 +353,7 @@ fn start_step(
 
 fn end(
     lives: &mut [Life],
-    progress: &mut FxHashMap<RequestId, (u64, u64)>,
+    awaiting: &mut Vec<(RequestId, u64)>,
     l: &mut WorkerLoad,
     e: Ended,
     now: Nanos,
@@ -362,10 +361,16 @@ fn end(
 ) {
     let i = (e.id().0 - 1) as usize;
     let life = &mut lives[i];
-    life.tokens = progress.remove(&e.id()).map_or(0, |(tokens, _)| tokens);
+    awaiting.retain(|a| a.0 != e.id());
     match e {
-        Ended::Finished { .. } => life.end = Some(now),
-        Ended::Shed { .. } => life.rejected = true,
+        Ended::Finished { generated, .. } => {
+            life.end = Some(now);
+            life.tokens = generated.0;
+        }
+        Ended::Shed { generated, .. } => {
+            life.rejected = true;
+            life.tokens = generated.0;
+        }
     }
     l.outstanding_requests = l.outstanding_requests.saturating_sub(1);
     if life.first.is_none() {
