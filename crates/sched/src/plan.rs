@@ -224,9 +224,23 @@ impl Scheduler {
         // 2. New sequences whose whole (uncached) prompt fits the budget: short requests
         //    get their first token without waiting behind a long prefill.
         let mut adm = Admission::default();
-        self.admit_from_queue(&mut budget, &mut work, &mut adm, true);
+        self.admit_from_queue(&mut budget, &mut work, &mut adm, Pass::Whole);
 
-        // 3. Prefill chunks of running sequences, oldest first.
+        // 3. New sequences with less prompt to go than any running prefill, chunked, in
+        //    half of what is left: a chat that does not fit one step still starts before
+        //    a 3,000-token prompt's next chunk, and that prompt keeps the other half.
+        let shortest = (self.running.iter())
+            .filter(|r| !r.planned && r.remaining_prefill() > 0)
+            .map(Running::remaining_prefill)
+            .min();
+        if let Some(m) = shortest {
+            let mut half = budget / 2;
+            let before = half;
+            self.admit_from_queue(&mut half, &mut work, &mut adm, Pass::ShorterThan(m));
+            budget -= before - half;
+        }
+
+        // 4. Prefill chunks of running sequences, oldest first.
         for i in 0..self.running.len() {
             if budget == 0 {
                 break;
@@ -239,8 +253,8 @@ impl Scheduler {
             }
         }
 
-        // 4. Further new sequences, chunked, while budget, places, slots and blocks remain.
-        self.admit_from_queue(&mut budget, &mut work, &mut adm, false);
+        // 5. Further new sequences, chunked, while budget, places, slots and blocks remain.
+        self.admit_from_queue(&mut budget, &mut work, &mut adm, Pass::Any);
 
         // Sequences hold blocks but none can advance (all prefilling, pool exhausted):
         // preempt one so the others make progress, and plan again.
@@ -263,31 +277,39 @@ impl Scheduler {
     }
 
     /// Move requests from the queue into the running batch, in policy order, sharing
-    /// cached prefixes. With `only_whole`, stop at the first request whose uncached prompt
-    /// does not fit the remaining budget in one piece.
+    /// cached prefixes, as far as `pass` allows.
     fn admit_from_queue(
         &mut self,
         budget: &mut u64,
         work: &mut Vec<Work>,
         adm: &mut Admission,
-        only_whole: bool,
+        pass: Pass,
     ) {
         let mut in_flight = self.prefixes_in_flight();
+        let bt64 = u64::from(self.blocks.block_tokens());
         while *budget > 0 && (self.running.len() as u32) < self.cfg.max_running {
             // A request whose next uncached block is being computed right now by a running
             // sequence waits a few steps and reuses it, instead of computing it twice.
             // A request of a tenant whose running sequences leave no room under its cap for
             // this prompt waits for them, without holding up other tenants.
+            // In the passes for short prompts, a prompt too long for the pass lets shorter
+            // ones of its band go first (it is chunked in the last pass): chats behind a
+            // 3,000-token prompt get their first token now, not after it.
+            let (left, head_band) = (*budget, self.queue.peek(&self.fair).map(|w| w.req.band));
             let Some(next) = self.queue.peek_where(&self.fair, |w| {
                 let cached = self.blocks.cached_len(&w.req.block_hashes);
+                let known = w.req.prompt.0 + w.generated.0;
+                let reused = (cached as u64 * bt64).min((known - 1) / bt64 * bt64);
+                let too_long = pass.refuses(known - reused, left)
+                    || (pass != Pass::Any && Some(w.req.band) != head_band);
                 let capped = !self.cfg.kv_quotas.is_empty()
                     && self.owners.quota(w.owner).max_blocks.is_some_and(|cap| {
-                        let known = w.req.prompt.0 + w.generated.0;
                         self.committed(w.owner) + self.blocks.blocks_for(known)
                             - cached.min(self.blocks.blocks_for(known) as usize) as u32
                             > cap
                     });
-                capped
+                too_long
+                    || capped
                     || w.req
                         .block_hashes
                         .get(cached)
@@ -303,7 +325,7 @@ impl Scheduler {
                 hit.as_ref().map_or(0, |(b, _)| b.len() as u64) * u64::from(bt)
             };
             let bt = self.blocks.block_tokens();
-            if only_whole && known - reused_of(&hit, bt) > *budget {
+            if pass.refuses(known - reused_of(&hit, bt), *budget) {
                 break;
             }
             let mut keep: Vec<SeqSlot> = adm.pinned.clone();
@@ -408,6 +430,27 @@ impl Scheduler {
 }
 
 /// What admissions in one plan have decided so far.
+/// Which waiting requests one admission pass takes, by uncached prompt tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// Those whose whole prompt fits what is left of the step's budget.
+    Whole,
+    /// Those with fewer tokens than this (chunked).
+    ShorterThan(u64),
+    /// Any (chunked).
+    Any,
+}
+
+impl Pass {
+    fn refuses(self, uncached: u64, left: u64) -> bool {
+        match self {
+            Pass::Whole => uncached > left,
+            Pass::ShorterThan(n) => uncached >= n,
+            Pass::Any => false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Admission {
     start: Vec<(RequestId, SeqSlot)>,

@@ -665,3 +665,65 @@ fn slo_admission_counts_only_the_uncached_prompt() {
     let warm = h.s.admit(Nanos(h.now), req(1001, 7));
     assert!(warm.is_ok(), "{warm:?}");
 }
+
+#[test]
+fn chats_queued_behind_a_long_prompt_get_their_first_token_in_its_first_step() {
+    let mut cfg = config();
+    cfg.kv_blocks = 400;
+    cfg.slots = 16;
+    cfg.max_running = 8;
+    cfg.max_step_tokens = 256;
+    cfg.max_prefill_chunk = 256;
+    cfg.max_seq_tokens = 4000;
+    cfg.max_waiting_tokens = 100_000;
+    let mut h = Harness::new(cfg);
+    h.arrive("a", Band::Standard, 3000, 8);
+    for _ in 0..3 {
+        h.arrive("a", Band::Standard, 40, 8);
+    }
+    // First step: the three chats start (each up to its last full block: the tail before
+    // the final token is its own piece, so that a cache hit repeats the same shapes); the
+    // long prompt, first in line, takes what is left of the budget as its first chunk.
+    let first = h.step(0);
+    let chats = [RequestId(2), RequestId(3), RequestId(4)];
+    let ids: Vec<RequestId> = first.iter().map(|d| d.0).collect();
+    assert_eq!(ids, [&chats[..], &[RequestId(1)]].concat(), "{first:?}");
+    let long = first.iter().find(|d| d.0 == RequestId(1)).map(|d| d.1);
+    assert_eq!(long, Some(256 - 3 * 32));
+    // Second step: their tails, and with them their first tokens.
+    let second = h.step(0);
+    for c in chats {
+        assert!(second.iter().any(|d| d.0 == c && d.1 == 8), "{second:?}");
+    }
+    assert_eq!(h.s.check_invariants(), Ok(()));
+}
+
+#[test]
+fn a_chat_too_long_for_one_step_still_starts_beside_a_long_prefill() {
+    let mut cfg = config();
+    cfg.kv_blocks = 400;
+    cfg.slots = 16;
+    cfg.max_running = 8;
+    cfg.max_step_tokens = 64;
+    cfg.max_prefill_chunk = 64;
+    cfg.max_seq_tokens = 4000;
+    cfg.max_waiting_tokens = 100_000;
+    let mut h = Harness::new(cfg);
+    h.arrive("a", Band::Standard, 3000, 8);
+    h.step(0);
+    // A 100-token chat arrives while the long prompt has ~2,900 tokens to go: it starts
+    // in the next step, with half the budget, and the long prompt keeps the other half.
+    h.arrive("a", Band::Standard, 100, 8);
+    let next = h.step(0);
+    assert_eq!(
+        next.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+        vec![(RequestId(2), 32), (RequestId(1), 32)],
+    );
+    // It has its first token long before the long prompt is done.
+    let mut steps = 1;
+    while h.s.is_running(RequestId(2)) && h.step(0).iter().any(|d| d.0 == RequestId(2) && !d.2) {
+        steps += 1;
+    }
+    assert!(steps <= 4, "{steps} steps to prefill 100 tokens");
+    assert_eq!(h.s.check_invariants(), Ok(()));
+}
