@@ -666,18 +666,25 @@ fn slo_admission_counts_only_the_uncached_prompt() {
     assert!(warm.is_ok(), "{warm:?}");
 }
 
-#[test]
-fn chats_queued_behind_a_long_prompt_get_their_first_token_in_its_first_step() {
+/// Room for a 3,000-token prompt and a few chats, `step` tokens per step; the long
+/// prompt arrives first.
+fn behind_a_long_prompt(step: u32) -> Harness {
     let mut cfg = config();
     cfg.kv_blocks = 400;
     cfg.slots = 16;
     cfg.max_running = 8;
-    cfg.max_step_tokens = 256;
-    cfg.max_prefill_chunk = 256;
+    cfg.max_step_tokens = step;
+    cfg.max_prefill_chunk = step;
     cfg.max_seq_tokens = 4000;
     cfg.max_waiting_tokens = 100_000;
     let mut h = Harness::new(cfg);
     h.arrive("a", Band::Standard, 3000, 8);
+    h
+}
+
+#[test]
+fn chats_queued_behind_a_long_prompt_get_their_first_token_in_its_first_step() {
+    let mut h = behind_a_long_prompt(256);
     for _ in 0..3 {
         h.arrive("a", Band::Standard, 40, 8);
     }
@@ -700,16 +707,7 @@ fn chats_queued_behind_a_long_prompt_get_their_first_token_in_its_first_step() {
 
 #[test]
 fn a_chat_too_long_for_one_step_still_starts_beside_a_long_prefill() {
-    let mut cfg = config();
-    cfg.kv_blocks = 400;
-    cfg.slots = 16;
-    cfg.max_running = 8;
-    cfg.max_step_tokens = 64;
-    cfg.max_prefill_chunk = 64;
-    cfg.max_seq_tokens = 4000;
-    cfg.max_waiting_tokens = 100_000;
-    let mut h = Harness::new(cfg);
-    h.arrive("a", Band::Standard, 3000, 8);
+    let mut h = behind_a_long_prompt(64);
     h.step(0);
     // A 100-token chat arrives while the long prompt has ~2,900 tokens to go: it starts
     // in the next step, with half the budget, and the long prompt keeps the other half.
