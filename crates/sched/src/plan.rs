@@ -429,7 +429,6 @@ impl Scheduler {
     }
 }
 
-/// What admissions in one plan have decided so far.
 /// Which waiting requests one admission pass takes, by uncached prompt tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pass {
@@ -451,6 +450,7 @@ impl Pass {
     }
 }
 
+/// What admissions in one plan have decided so far.
 #[derive(Default)]
 struct Admission {
     start: Vec<(RequestId, SeqSlot)>,
