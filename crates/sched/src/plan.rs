@@ -293,15 +293,17 @@ impl Scheduler {
             // A request of a tenant whose running sequences leave no room under its cap for
             // this prompt waits for them, without holding up other tenants.
             // In the passes for short prompts, a prompt too long for the pass lets shorter
-            // ones of its band go first (it is chunked in the last pass): chats behind a
-            // 3,000-token prompt get their first token now, not after it.
-            let (left, head_band) = (*budget, self.queue.peek(&self.fair).map(|w| w.req.band));
+            // ones of its tenant and band go first (it is chunked in the last pass): chats
+            // behind a 3,000-token prompt get their first token now, not after it. Other
+            // tenants' requests keep their fairness order.
+            let left = *budget;
+            let head = self.queue.peek(&self.fair).map(|w| (w.owner, w.req.band));
             let Some(next) = self.queue.peek_where(&self.fair, |w| {
                 let cached = self.blocks.cached_len(&w.req.block_hashes);
                 let known = w.req.prompt.0 + w.generated.0;
                 let reused = (cached as u64 * bt64).min((known - 1) / bt64 * bt64);
                 let too_long = pass.refuses(known - reused, left)
-                    || (pass != Pass::Any && Some(w.req.band) != head_band);
+                    || (pass != Pass::Any && Some((w.owner, w.req.band)) != head);
                 let capped = !self.cfg.kv_quotas.is_empty()
                     && self.owners.quota(w.owner).max_blocks.is_some_and(|cap| {
                         self.committed(w.owner) + self.blocks.blocks_for(known)
