@@ -88,7 +88,8 @@ impl LlamaExecutor {
         })
     }
 
-    /// Logits of the batch position `i` after the last step (for numerics tests).
+    /// Logits of position `i` of the last `llama_decode` call (the step's last; for
+    /// numerics tests, whose single-sequence steps are one call).
     pub fn logits(&self, i: i32) -> &[f32] {
         self.ctx.get_logits_ith(i)
     }
