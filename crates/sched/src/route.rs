@@ -499,16 +499,19 @@ impl PrefixEstimate {
         self.last.len()
     }
 
-    /// Leading blocks present (chain hashes: block i matches only if all before it do).
+    /// Leading blocks present. The estimate is prefix-closed (see [`touch`](Self::touch)),
+    /// so presence along a prompt's chain is true then false: a binary search finds the
+    /// boundary in log(n) lookups, each a likely cache miss on a large fleet.
     fn matched(&self, blocks: &[u64]) -> u32 {
-        blocks
-            .iter()
-            .take_while(|h| self.last.contains_key(h))
-            .count() as u32
+        blocks.partition_point(|h| self.last.contains_key(h)) as u32
     }
 
+    /// Record that a prompt's blocks (a chain from its first block) were sent. They are
+    /// touched last block first, so every block is always more recent than the blocks
+    /// after it on any chain: eviction takes tails before heads, as a real prefix cache
+    /// does, and what is left is prefix-closed.
     fn touch(&mut self, blocks: &[u64]) {
-        for &h in blocks {
+        for &h in blocks.iter().rev() {
             self.tick += 1;
             self.last.insert(h, self.tick);
             self.touches.push_back((self.tick, h));
@@ -722,11 +725,45 @@ mod tests {
     fn the_estimate_forgets_least_recent_blocks_first() {
         let mut p = PrefixEstimate::new(3);
         p.touch(&[1, 2, 3]);
-        p.touch(&[1]);
         p.touch(&[4]);
-        assert_eq!(p.matched(&[1]), 1);
-        assert_eq!(p.matched(&[2]), 0, "oldest evicted");
+        p.touch(&[5]);
+        assert_eq!(p.matched(&[1, 2, 3]), 1, "the tail goes first");
+        assert_eq!(p.matched(&[4]), 1);
         assert_eq!(p.len(), 3);
+    }
+
+    #[test]
+    fn the_estimate_stays_prefix_closed_so_binary_search_matches_a_linear_walk() {
+        // Prompts drawn from a tree of shared prefixes, through a small LRU.
+        let mut p = PrefixEstimate::new(40);
+        let mut x = 11u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            x >> 33
+        };
+        let chain = |path: &[u64]| -> Vec<u64> {
+            let mut h = crate::kv::FNV_OFFSET;
+            path.iter()
+                .map(|b| {
+                    h = fnv1a(h, &b.to_le_bytes());
+                    h
+                })
+                .collect()
+        };
+        for _ in 0..3_000 {
+            let path: Vec<u64> = (0..1 + next() % 12).map(|_| next() % 3).collect();
+            let blocks = chain(&path);
+            let linear = blocks
+                .iter()
+                .take_while(|h| p.last.contains_key(h))
+                .count() as u32;
+            assert_eq!(p.matched(&blocks), linear, "{path:?}");
+            if next() % 2 == 0 {
+                p.touch(&blocks);
+            }
+        }
     }
 
     #[test]
