@@ -10,3 +10,4 @@ pub mod plot;
 pub mod serve;
 pub mod sim;
 pub mod telemetry;
+pub mod trace_sampling;

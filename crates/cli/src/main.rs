@@ -222,10 +222,11 @@ fn main() -> anyhow::Result<()> {
             Command::Worker(_) => args.resolve_worker()?,
             _ => args.resolve()?,
         };
-        let _telemetry = telemetry::init(json, &cfg.observability.otlp_endpoint)?;
+        let o = &cfg.observability;
+        let _telemetry = telemetry::init(json, &o.otlp_endpoint, o.trace_sample_ratio)?;
         return serve::run(cfg);
     }
-    let _telemetry = telemetry::init(json, "")?;
+    let _telemetry = telemetry::init(json, "", 1.0)?;
     match cli.command {
         Command::Serve(_) | Command::Worker(_) => Ok(()),
         Command::Pull { model } => {

@@ -37,8 +37,10 @@ fn traces_url(endpoint: &str) -> String {
     }
 }
 
-/// Install the global subscriber. `otlp_endpoint` empty = logs only.
-pub fn init(json: bool, otlp_endpoint: &str) -> anyhow::Result<Telemetry> {
+/// Install the global subscriber. `otlp_endpoint` empty = logs only; otherwise
+/// `sample_ratio` of requests are traced (see `trace_sampling`).
+pub fn init(json: bool, otlp_endpoint: &str, sample_ratio: f64) -> anyhow::Result<Telemetry> {
+    crate::trace_sampling::set_ratio(sample_ratio)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -72,11 +74,24 @@ pub fn init(json: bool, otlp_endpoint: &str) -> anyhow::Result<Telemetry> {
         );
         tokenfab_gateway::trace::set_parent_extractor(parent_from_headers);
         tokenfab_gateway::trace::set_context_injector(context_to_headers);
-        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        tokenfab_gateway::trace::set_sampler(crate::trace_sampling::sample);
+        // Its own filter: `RUST_LOG` quiets the log, never the traces (a global filter
+        // at `warn` used to drop every request span, so nothing was exported).
+        // Spans of requests not sampled are never seen by it (`trace_sampling`).
+        let spans = tracing_subscriber::filter::Targets::new()
+            .with_target("tokenfab", tracing::Level::INFO)
+            .with_target(
+                tokenfab_gateway::trace::UNTRACED,
+                tracing::level_filters::LevelFilter::OFF,
+            );
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(spans),
+        )
     };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init()?;
     if !otlp_endpoint.is_empty() {

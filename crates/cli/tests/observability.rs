@@ -364,6 +364,37 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// `tokenfab serve --mock linear:1:100` exporting to `collector` every 100 ms, with logs
+/// quiet (`RUST_LOG=warn` must not silence the traces) and `extra` arguments; returns it
+/// once `/health` answers, with its URL.
+async fn serve_exporting(
+    collector: &str,
+    dir: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> (std::process::Child, String) {
+    let port = common::free_port();
+    let log = std::fs::File::create(dir.join("serve.log")).expect("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenfab"))
+        .args(["serve", "--mock", "linear:1:100", "--ledger", "memory"])
+        .args(["--port", &port.to_string(), "--otlp-endpoint", collector])
+        .args(extra)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("RUST_LOG", "warn")
+        .stderr(log)
+        .spawn()
+        .expect("spawn tokenfab serve");
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..200 {
+        if client().get(format!("{url}/health")).send().await.is_ok() {
+            return (child, url);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("server not up at {url}");
+}
+
 /// A minimal OTLP/HTTP trace receiver (protobuf `ExportTraceServiceRequest`, the wire
 /// format collectors accept); returns its base URL and what it received.
 async fn otlp_receiver() -> (String, Received) {
@@ -421,26 +452,8 @@ async fn otlp_receiver() -> (String, Received) {
 async fn each_request_is_one_otlp_trace_under_the_clients_traceparent() {
     let (collector, received) = otlp_receiver().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = common::free_port();
-    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenfab"))
-        .args(["serve", "--mock", "linear:1:100", "--ledger", "memory"])
-        .args(["--port", &port.to_string(), "--admin-key", ADMIN])
-        .args(["--otlp-endpoint", &collector])
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stderr(log)
-        .spawn()
-        .expect("spawn tokenfab serve");
-    let url = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..200 {
-        if client().get(format!("{url}/health")).send().await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(up, "server up");
+    let admin: [&std::ffi::OsStr; 2] = ["--admin-key".as_ref(), ADMIN.as_ref()];
+    let (mut child, url) = serve_exporting(&collector, dir.path(), &admin).await;
     let (_, key) = common::create_key(&url, ADMIN, json!({"tenant": "traced"})).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
@@ -507,6 +520,78 @@ async fn each_request_is_one_otlp_trace_under_the_clients_traceparent() {
     for phase in ["admission", "queue", "prefill", "decode", "settle"] {
         assert!(names.contains(phase), "span {phase} missing: {names:?}");
     }
+}
+
+/// Head sampling: with `trace_sample_ratio = 0.25`, a quarter of the requests that bring no
+/// `traceparent` are traced, and a client's sampled flag decides for its own request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_ratio_traces_its_share_and_a_clients_flag_decides_its_own() {
+    let (collector, received) = otlp_receiver().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tokenfab.toml");
+    std::fs::write(&config, "[observability]\ntrace_sample_ratio = 0.25\n").expect("config");
+    let flag: [&std::ffi::OsStr; 2] = ["--config".as_ref(), config.as_ref()];
+    let (mut child, url) = serve_exporting(&collector, dir.path(), &flag).await;
+    let body = json!({"model": "mock", "max_tokens": 2,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..8 {
+        assert_eq!(common::call(&url, None, &body, &[]).await.status(), 200);
+    }
+    let unsampled = "00-7bf92f3577b34da6a3ce929d0e0e4730-00f067aa0ba902b7-00";
+    let sampled = "00-7bf92f3577b34da6a3ce929d0e0e4731-00f067aa0ba902b7-01";
+    for tp in [unsampled, sampled] {
+        let r = common::call(&url, None, &body, &[("traceparent", tp)]).await;
+        assert_eq!(r.status(), 200);
+    }
+    let roots = || -> BTreeSet<String> {
+        received
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.name == "POST /v1/chat/completions")
+            .map(|s| s.trace_id.clone())
+            .collect()
+    };
+    for _ in 0..100 {
+        if roots().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Several export periods more: nothing else may arrive.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let got = roots();
+    assert_eq!(
+        got.len(),
+        3,
+        "2 of 8 by ratio + the sampled client: {got:?}"
+    );
+    assert!(got.contains("7bf92f3577b34da6a3ce929d0e0e4731"), "{got:?}");
+    assert!(!got.contains("7bf92f3577b34da6a3ce929d0e0e4730"), "{got:?}");
+    let spans = received.lock().expect("lock").len();
+    assert!(
+        spans >= 3 * 5,
+        "every traced request has its phase spans: {spans}"
+    );
+    // A share outside 0–1 is refused at start, naming the key.
+    std::fs::write(&config, "[observability]\ntrace_sample_ratio = 2\n").expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenfab"))
+        .args([
+            "serve",
+            "--mock",
+            "instant",
+            "--port",
+            &common::free_port().to_string(),
+        ])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run tokenfab serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("trace_sample_ratio = 2"), "{err}");
 }
 
 /// Through a routing gateway, the trace continues on the remote worker: the worker's

@@ -112,7 +112,7 @@ pub async fn start<'a>(
         timer,
         (&model, prompt_tokens, max_new),
     )
-    .instrument(tracing::info_span!("admission"))
+    .instrument(crate::child_span!(&span, "admission"))
     .await?;
     let scope = who.cache_scope.as_deref().unwrap_or(who.tenant.0.as_str());
     let blocks = match &s.fleet {
@@ -237,8 +237,12 @@ impl Attempts<'_> {
                         obj.remove("max_completion_tokens");
                     }
                     // The worker's spans join this request's trace under `route`.
-                    let span =
-                        tracing::info_span!("route", worker = %worker, attempt = r.tried.len());
+                    let span = crate::child_span!(
+                        &tracing::Span::current(),
+                        "route",
+                        worker = %worker,
+                        attempt = r.tried.len()
+                    );
                     let mut headers = if w.spec.api_key.is_empty() {
                         r.forward.clone()
                     } else {

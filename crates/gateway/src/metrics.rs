@@ -164,7 +164,7 @@ impl GatewayMetrics {
 
     /// Start timing a generation request whose span (`trace.rs`) is `span`.
     pub(crate) fn request(&self, model: &str, band: Band, span: tracing::Span) -> RequestTimer {
-        let phase = tracing::info_span!(parent: &span, "queue");
+        let phase = crate::child_span!(&span, "queue");
         RequestTimer {
             metrics: self.enabled.then(|| self.clone()),
             model: model.to_owned(),
@@ -196,21 +196,21 @@ pub(crate) struct RequestTimer {
 impl RequestTimer {
     /// A span for the ledger settlement, under the request's span.
     pub(crate) fn settle_span(&self) -> tracing::Span {
-        tracing::info_span!(parent: &self.span, "settle")
+        crate::child_span!(&self.span, "settle")
     }
 
     /// The engine took the request out of its queue.
     pub(crate) fn scheduled(&mut self) {
         if !self.scheduled && self.last_piece.is_none() {
             self.scheduled = true;
-            self.phase = tracing::info_span!(parent: &self.span, "prefill");
+            self.phase = crate::child_span!(&self.span, "prefill");
         }
     }
 
     /// A piece of text is about to be released.
     pub(crate) fn piece(&mut self) {
         if self.last_piece.is_none() {
-            self.phase = tracing::info_span!(parent: &self.span, "decode");
+            self.phase = crate::child_span!(&self.span, "decode");
         }
         let now = Instant::now();
         if let Some(m) = &self.metrics {

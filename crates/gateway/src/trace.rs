@@ -30,6 +30,42 @@ pub fn set_parent_extractor(f: ParentFromHeaders) {
     let _ = PARENT.set(f);
 }
 
+/// Decides whether a request is traced (head sampling), from its headers. Installed with
+/// trace export; without it no request is marked traced.
+pub type SampleRequest = fn(&axum::http::HeaderMap) -> bool;
+
+static SAMPLE: std::sync::OnceLock<SampleRequest> = std::sync::OnceLock::new();
+
+/// Install the sampling decision (once per process).
+pub fn set_sampler(f: SampleRequest) {
+    let _ = SAMPLE.set(f);
+}
+
+/// Target of the spans of a traced request (the sampler said yes).
+pub const TRACED: &str = "tokenfab_gateway::traced";
+/// Target of the spans of an untraced request: logs show them, the trace exporter's
+/// filter never enables them, so they cost it nothing.
+pub const UNTRACED: &str = "tokenfab_gateway::untraced";
+
+/// Whether `span` belongs to a traced request.
+pub fn is_traced(span: &tracing::Span) -> bool {
+    span.metadata().is_some_and(|m| m.target() == TRACED)
+}
+
+/// A span under a request's span (`$parent`), of the request's target: exported with the
+/// request when it is traced, seen only by logs when not.
+#[macro_export]
+macro_rules! child_span {
+    ($parent:expr, $name:literal $(, $($fields:tt)*)?) => {{
+        let parent: &tracing::Span = $parent;
+        if $crate::trace::is_traced(parent) {
+            tracing::info_span!(target: "tokenfab_gateway::traced", parent: parent, $name $(, $($fields)*)?)
+        } else {
+            tracing::info_span!(target: "tokenfab_gateway::untraced", parent: parent, $name $(, $($fields)*)?)
+        }
+    }};
+}
+
 /// Writes the W3C trace context of a span as headers for an outgoing request (a remote
 /// worker), so its spans join the request's trace. Installed with trace export.
 pub type ContextToHeaders = fn(&tracing::Span) -> Vec<(String, String)>;
@@ -42,8 +78,17 @@ pub fn set_context_injector(f: ContextToHeaders) {
 }
 
 /// Trace-context headers to send with a request made on behalf of `span`.
+/// With export on, a request not traced here is sent with its sampled flag clear, so the
+/// worker does not start a trace of its own.
 pub fn outgoing(span: &tracing::Span) -> Vec<(String, String)> {
-    INJECT.get().map_or_else(Vec::new, |f| f(span))
+    match INJECT.get() {
+        None => Vec::new(),
+        Some(f) if is_traced(span) => f(span),
+        Some(_) => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            vec![("traceparent".into(), format!("00-{id}-{}-00", &id[..16]))]
+        }
+    }
 }
 
 fn usable(v: &str) -> bool {
@@ -67,7 +112,11 @@ pub(crate) async fn identify(mut req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
-    let span = tracing::info_span!(
+    // One field list, two callsites: the target carries the sampling decision.
+    macro_rules! request_span {
+        ($target:literal) => {
+            tracing::info_span!(
+        target: $target,
         "request",
         otel.name = %format!("{} {route}", req.method()),
         otel.kind = "server",
@@ -85,10 +134,18 @@ pub(crate) async fn identify(mut req: Request, next: Next) -> Response {
         gen_ai.usage.output_tokens = tracing::field::Empty,
         tokenfab.cost_nano_usd = tracing::field::Empty,
         tokenfab.outcome = tracing::field::Empty,
-    );
-    if let Some(parent) = PARENT.get() {
-        parent(&span, req.headers());
+            )
+        };
     }
+    let span = if SAMPLE.get().is_some_and(|f| f(req.headers())) {
+        let span = request_span!("tokenfab_gateway::traced");
+        if let Some(parent) = PARENT.get() {
+            parent(&span, req.headers());
+        }
+        span
+    } else {
+        request_span!("tokenfab_gateway::untraced")
+    };
     req.extensions_mut().insert(XRequestId(id.clone()));
     let mut resp = next.run(req).instrument(span.clone()).await;
     span.record("http.response.status_code", resp.status().as_u16());

@@ -755,10 +755,7 @@ mod tests {
         for _ in 0..3_000 {
             let path: Vec<u64> = (0..1 + next() % 12).map(|_| next() % 3).collect();
             let blocks = chain(&path);
-            let linear = blocks
-                .iter()
-                .take_while(|h| p.last.contains_key(h))
-                .count() as u32;
+            let linear = blocks.iter().take_while(|h| p.last.contains_key(h)).count() as u32;
             assert_eq!(p.matched(&blocks), linear, "{path:?}");
             if next() % 2 == 0 {
                 p.touch(&blocks);
