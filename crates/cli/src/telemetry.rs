@@ -87,6 +87,9 @@ pub fn init(json: bool, otlp_endpoint: &str, sample_ratio: f64) -> anyhow::Resul
         Some(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false)
                 .with_filter(spans),
         )
     };
