@@ -4,6 +4,7 @@
 
 use crate::kv::BlockId;
 use crate::queue::Waiting;
+use crate::request::Band;
 use crate::scheduler::{Running, Scheduler};
 use crate::step::{PrefixCopy, StepPlan, Work};
 use tokenfab_types::{Nanos, RequestId, SeqSlot, Tokens};
@@ -221,40 +222,20 @@ impl Scheduler {
             }
         }
 
-        // 2. New sequences whose whole (uncached) prompt fits the budget: short requests
-        //    get their first token without waiting behind a long prefill.
-        let mut adm = Admission::default();
-        self.admit_from_queue(&mut budget, &mut work, &mut adm, Pass::Whole);
-
-        // 3. New sequences with less prompt to go than any running prefill, chunked, in
-        //    half of what is left: a chat that does not fit one step still starts before
-        //    a 3,000-token prompt's next chunk, and that prompt keeps the other half.
-        let shortest = (self.running.iter())
-            .filter(|r| !r.planned && r.remaining_prefill() > 0)
-            .map(Running::remaining_prefill)
-            .min();
-        if let Some(m) = shortest {
-            let mut half = budget / 2;
-            let before = half;
-            self.admit_from_queue(&mut half, &mut work, &mut adm, Pass::ShorterThan(m));
-            budget -= before - half;
+        // 2–5: prefill. When several tenants have prompts to compute, only the lead's
+        // requests start in this step (see `prefill_lead`); if that leaves the step with
+        // no prefill at all, the others start rather than leave it empty.
+        let mut adm = Admission {
+            lead: self.prefill_lead(),
+            ..Admission::default()
+        };
+        let before = (budget, work.len());
+        self.plan_prefill(&mut budget, &mut work, &mut adm);
+        if adm.lead.is_some() && work.len() == before.1 && adm.start.is_empty() {
+            adm.lead = None;
+            budget = before.0;
+            self.plan_prefill(&mut budget, &mut work, &mut adm);
         }
-
-        // 4. Prefill chunks of running sequences, oldest first.
-        for i in 0..self.running.len() {
-            if budget == 0 {
-                break;
-            }
-            if self.running[i].planned {
-                continue;
-            }
-            if let Some(w) = self.prefill_chunk(i, &mut budget, &adm.pinned) {
-                work.push(w);
-            }
-        }
-
-        // 5. Further new sequences, chunked, while budget, places, slots and blocks remain.
-        self.admit_from_queue(&mut budget, &mut work, &mut adm, Pass::Any);
 
         // Sequences hold blocks but none can advance (all prefilling, pool exhausted):
         // preempt one so the others make progress, and plan again.
@@ -274,6 +255,78 @@ impl Scheduler {
         plan.copies = adm.copies;
         plan.work = work;
         plan
+    }
+
+    /// Passes 2–5 of [`plan`](Self::plan): new sequences and prefill chunks.
+    fn plan_prefill(&mut self, budget: &mut u64, work: &mut Vec<Work>, adm: &mut Admission) {
+        // 2. New sequences whose whole (uncached) prompt fits the budget: short requests
+        //    get their first token without waiting behind a long prefill.
+        self.admit_from_queue(budget, work, adm, Pass::Whole);
+
+        // 3. New sequences with less prompt to go than any running prefill, chunked, in
+        //    half of what is left: a chat that does not fit one step still starts before
+        //    a 3,000-token prompt's next chunk, and that prompt keeps the other half.
+        let shortest = (self.running.iter())
+            .filter(|r| !r.planned && r.remaining_prefill() > 0)
+            .map(Running::remaining_prefill)
+            .min();
+        if let Some(m) = shortest {
+            let mut half = *budget / 2;
+            let before = half;
+            self.admit_from_queue(&mut half, work, adm, Pass::ShorterThan(m));
+            *budget -= before - half;
+        }
+
+        // 4. Prefill chunks of running sequences, oldest first.
+        for i in 0..self.running.len() {
+            if *budget == 0 {
+                break;
+            }
+            if self.running[i].planned {
+                continue;
+            }
+            if let Some(w) = self.prefill_chunk(i, budget, &adm.pinned) {
+                work.push(w);
+            }
+        }
+
+        // 5. Further new sequences, chunked, while budget, places, slots and blocks remain.
+        self.admit_from_queue(budget, work, adm, Pass::Any);
+    }
+
+    /// The tenant whose new sequences this step starts when several tenants have
+    /// prompts waiting or part-computed: the most urgent band, then the least served (VTC
+    /// counter) — the queue's own order, applied to the step. Other tenants' requests
+    /// start in a later step; their decodes and the chunks of prompts already started
+    /// still run (holding those back let a started prompt be preempted before it ever
+    /// finished, over and over — the property test found the livelock). A quiet tenant's
+    /// first token then shares its step with no flood's new prompts: on 2 CPU cores a
+    /// step carrying those as well took 2–3× as long. Prefill is compute-bound, so
+    /// putting different tenants' prompts in separate steps costs little throughput.
+    fn prefill_lead(&self) -> Option<Lead> {
+        let key = |owner: u32, band: Band| Lead {
+            owner,
+            band,
+            counter: self.fair.counter(owner),
+        };
+        let queued = self
+            .queue
+            .peek(&self.fair)
+            .map(|w| key(w.owner, w.req.band));
+        let running = (self.running.iter())
+            .filter(|r| !r.planned && r.remaining_prefill() > 0)
+            .map(|r| key(r.owner, r.req.band));
+        queued
+            .into_iter()
+            .chain(running)
+            .min_by_key(|l| (l.band, l.counter))
+    }
+
+    /// Whether `owner`'s request (in `band`) waits for the lead's to start first.
+    fn defers(&self, lead: Option<Lead>, owner: u32, band: Band) -> bool {
+        lead.is_some_and(|l| {
+            l.owner != owner && (band, self.fair.counter(owner)) > (l.band, l.counter)
+        })
     }
 
     /// Move requests from the queue into the running batch, in policy order, sharing
@@ -312,6 +365,7 @@ impl Scheduler {
                     });
                 too_long
                     || capped
+                    || self.defers(adm.lead, w.owner, w.req.band)
                     || w.req
                         .block_hashes
                         .get(cached)
@@ -459,6 +513,16 @@ struct Admission {
     copies: Vec<PrefixCopy>,
     /// Copy sources: never evicted within this plan.
     pinned: Vec<SeqSlot>,
+    /// Whose requests this step starts, when tenants compete (`Scheduler::prefill_lead`).
+    lead: Option<Lead>,
+}
+
+/// The tenant a step's prefill goes to, and its place in the queue's order.
+#[derive(Clone, Copy, Debug)]
+struct Lead {
+    owner: u32,
+    band: Band,
+    counter: u64,
 }
 
 impl Scheduler {

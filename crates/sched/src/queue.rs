@@ -28,6 +28,8 @@ pub(crate) struct Waiting {
 #[derive(Clone, Debug, Default)]
 pub struct Fairness {
     counters: Vec<u64>,
+    /// The highest counter so far: where a tenant starts when nobody else is active.
+    high: u64,
 }
 
 impl Fairness {
@@ -46,16 +48,22 @@ impl Fairness {
     /// Charge `prompt` prefilled and `output` generated tokens to a tenant:
     /// prompt ×1, output ×2, divided by the tenant's weight.
     pub fn charge(&mut self, owner: u32, weight: u32, prompt: u64, output: u64) {
-        *self.slot(owner) += (prompt + 2 * output) * VTC_SCALE / u64::from(weight.max(1));
+        let c = self.slot(owner);
+        *c += (prompt + 2 * output) * VTC_SCALE / u64::from(weight.max(1));
+        let c = *c;
+        self.high = self.high.max(c);
     }
 
     /// A tenant returning from idle is lifted to the minimum counter of the active
-    /// tenants, so it cannot bank credit while away.
+    /// tenants, so it cannot bank credit while away. With nobody active it is lifted to
+    /// the highest counter: service a tenant had while alone is not held against it
+    /// later (without this, a flood arriving after a quiet tenant had the server to
+    /// itself took everything until its counter caught up — seconds of the quiet
+    /// tenant's requests waiting).
     pub fn lift(&mut self, owner: u32, active_min: Option<u64>) {
-        if let Some(min) = active_min {
-            let c = self.slot(owner);
-            *c = (*c).max(min);
-        }
+        let min = active_min.unwrap_or(self.high);
+        let c = self.slot(owner);
+        *c = (*c).max(min);
     }
 }
 

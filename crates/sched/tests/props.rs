@@ -398,10 +398,8 @@ fn a_full_batch_makes_room_for_a_tenant_below_its_share_and_for_a_higher_band() 
     assert!(h.ended.values().all(|n| *n == 1));
 }
 
-/// Noisy neighbour in the pure core: tenant A keeps 20 requests in flight against 16
-/// running places, tenant B keeps 2; B's requests get a running place within two steps.
-#[test]
-fn a_quiet_tenant_next_to_a_flood_is_admitted_within_two_steps() {
+/// Room for a flood: 16 running places, deep queue, ample KV.
+fn flood_config() -> SchedConfig {
     let mut cfg = config();
     cfg.max_waiting = 100;
     cfg.max_waiting_tokens = 100_000;
@@ -410,7 +408,14 @@ fn a_quiet_tenant_next_to_a_flood_is_admitted_within_two_steps() {
     cfg.max_running = 16;
     cfg.max_step_tokens = 512;
     cfg.max_prefill_chunk = 512;
-    let mut h = Harness::new(cfg);
+    cfg
+}
+
+/// Noisy neighbour in the pure core: tenant A keeps 20 requests in flight against 16
+/// running places, tenant B keeps 2; B's requests get a running place within two steps.
+#[test]
+fn a_quiet_tenant_next_to_a_flood_is_admitted_within_two_steps() {
+    let mut h = Harness::new(flood_config());
     let mut waiting_b: Vec<(RequestId, u64)> = Vec::new();
     let mut waits = Vec::new();
     let live = |h: &Harness, t: &str| h.live.iter().filter(|id| h.tenant_of[*id] == t).count();
@@ -435,6 +440,66 @@ fn a_quiet_tenant_next_to_a_flood_is_admitted_within_two_steps() {
         });
     }
     assert!(waits.len() >= 15, "B was served: {} requests", waits.len());
+    assert!(waits.iter().all(|w| *w <= 2), "B waited {waits:?} steps");
+    assert_eq!(h.s.check_invariants(), Ok(()));
+}
+
+/// Tenant B has the server to itself for a while, goes quiet, and comes back while A
+/// floods (20 requests in flight, 16 running places). B's service while alone is not held
+/// against it: each of its requests gets a running place within two steps, and a step
+/// that starts one of B's requests starts none of A's, so B's first token does not wait
+/// for the flood's prompts.
+#[test]
+fn a_quiet_tenant_back_next_to_a_flood_starts_first_and_alone() {
+    let mut h = Harness::new(flood_config());
+    let live = |h: &Harness, t: &str| h.live.iter().filter(|id| h.tenant_of[*id] == t).count();
+    // B alone.
+    for _ in 0..1000 {
+        for _ in live(&h, "b")..2 {
+            h.arrive("b", Band::Standard, 60, 32);
+        }
+        h.step(0);
+    }
+    settle(&mut h);
+    let mut waiting_b: Vec<(RequestId, u64)> = Vec::new();
+    let mut waits = Vec::new();
+    let mut b_starts = 0;
+    for step in 0..300u64 {
+        for _ in live(&h, "a")..20 {
+            h.arrive("a", Band::Standard, 60, 32);
+        }
+        if step > 2 {
+            for _ in live(&h, "b")..2 {
+                h.arrive("b", Band::Standard, 60, 32);
+                let id = *h.live.iter().max().expect("just arrived");
+                waiting_b.push((id, step));
+            }
+        }
+        let queued: Vec<RequestId> = (h.live.iter())
+            .filter(|id| !h.s.is_running(**id))
+            .copied()
+            .collect();
+        h.step(0);
+        let started: Vec<&str> = (queued.iter())
+            .filter(|id| h.s.is_running(**id) || !h.live.contains(id))
+            .map(|id| h.tenant_of[id].as_str())
+            .collect();
+        if started.contains(&"b") {
+            b_starts += 1;
+            assert!(!started.contains(&"a"), "step {step} started {started:?}");
+        }
+        waiting_b.retain(|(id, at)| {
+            let placed = h.s.is_running(*id) || !h.live.contains(id);
+            if placed {
+                waits.push(step - at);
+            }
+            !placed
+        });
+    }
+    assert!(
+        b_starts >= 10,
+        "B was served: {b_starts} steps started its requests"
+    );
     assert!(waits.iter().all(|w| *w <= 2), "B waited {waits:?} steps");
     assert_eq!(h.s.check_invariants(), Ok(()));
 }
