@@ -231,7 +231,7 @@ impl Scheduler {
         };
         let before = (budget, work.len());
         self.plan_prefill(&mut budget, &mut work, &mut adm);
-        if adm.lead.is_some() && work.len() == before.1 && adm.start.is_empty() {
+        if adm.deferred.get() && work.len() == before.1 && adm.start.is_empty() {
             adm.lead = None;
             budget = before.0;
             self.plan_prefill(&mut budget, &mut work, &mut adm);
@@ -304,6 +304,9 @@ impl Scheduler {
     /// step carrying those as well took 2–3× as long. Prefill is compute-bound, so
     /// putting different tenants' prompts in separate steps costs little throughput.
     fn prefill_lead(&self) -> Option<Lead> {
+        if self.fair.tenants() < 2 {
+            return None;
+        }
         let key = |owner: u32, band: Band| Lead {
             owner,
             band,
@@ -323,10 +326,14 @@ impl Scheduler {
     }
 
     /// Whether `owner`'s request (in `band`) waits for the lead's to start first.
-    fn defers(&self, lead: Option<Lead>, owner: u32, band: Band) -> bool {
-        lead.is_some_and(|l| {
+    fn defers(&self, adm: &Admission, owner: u32, band: Band) -> bool {
+        let d = adm.lead.is_some_and(|l| {
             l.owner != owner && (band, self.fair.counter(owner)) > (l.band, l.counter)
-        })
+        });
+        if d {
+            adm.deferred.set(true);
+        }
+        d
     }
 
     /// Move requests from the queue into the running batch, in policy order, sharing
@@ -365,7 +372,7 @@ impl Scheduler {
                     });
                 too_long
                     || capped
-                    || self.defers(adm.lead, w.owner, w.req.band)
+                    || self.defers(adm, w.owner, w.req.band)
                     || w.req
                         .block_hashes
                         .get(cached)
@@ -515,6 +522,8 @@ struct Admission {
     pinned: Vec<SeqSlot>,
     /// Whose requests this step starts, when tenants compete (`Scheduler::prefill_lead`).
     lead: Option<Lead>,
+    /// Whether another tenant's request was held back for the lead's.
+    deferred: std::cell::Cell<bool>,
 }
 
 /// The tenant a step's prefill goes to, and its place in the queue's order.

@@ -33,6 +33,11 @@ pub struct Fairness {
 }
 
 impl Fairness {
+    /// Tenants seen so far (every tenant is lifted on its first request).
+    pub fn tenants(&self) -> usize {
+        self.counters.len()
+    }
+
     pub fn counter(&self, owner: u32) -> u64 {
         self.counters.get(owner as usize).copied().unwrap_or(0)
     }
