@@ -398,6 +398,38 @@ fn a_full_batch_makes_room_for_a_tenant_below_its_share_and_for_a_higher_band() 
     assert!(h.ended.values().all(|n| *n == 1));
 }
 
+/// Requests of tenant `t` not ended yet.
+fn in_flight(h: &Harness, t: &str) -> usize {
+    h.live.iter().filter(|id| h.tenant_of[*id] == t).count()
+}
+
+/// Tenant A keeps 20 requests in flight; when `b`, tenant B keeps 2, each noted with the
+/// step it arrived in.
+fn flood_and_trickle(h: &mut Harness, b: bool, step: u64, waiting_b: &mut Vec<(RequestId, u64)>) {
+    for _ in in_flight(h, "a")..20 {
+        h.arrive("a", Band::Standard, 60, 32);
+    }
+    if b {
+        for _ in in_flight(h, "b")..2 {
+            h.arrive("b", Band::Standard, 60, 32);
+            let id = *h.live.iter().max().expect("just arrived");
+            waiting_b.push((id, step));
+        }
+    }
+}
+
+/// Move the waiting requests that got a running place (or ended) into `waits`, as the
+/// steps they waited.
+fn placed(h: &Harness, step: u64, waiting: &mut Vec<(RequestId, u64)>, waits: &mut Vec<u64>) {
+    waiting.retain(|(id, at)| {
+        let placed = h.s.is_running(*id) || !h.live.contains(id);
+        if placed {
+            waits.push(step - at);
+        }
+        !placed
+    });
+}
+
 /// Room for a flood: 16 running places, deep queue, ample KV.
 fn flood_config() -> SchedConfig {
     let mut cfg = config();
@@ -418,26 +450,10 @@ fn a_quiet_tenant_next_to_a_flood_is_admitted_within_two_steps() {
     let mut h = Harness::new(flood_config());
     let mut waiting_b: Vec<(RequestId, u64)> = Vec::new();
     let mut waits = Vec::new();
-    let live = |h: &Harness, t: &str| h.live.iter().filter(|id| h.tenant_of[*id] == t).count();
     for step in 0..400u64 {
-        for _ in live(&h, "a")..20 {
-            h.arrive("a", Band::Standard, 60, 32);
-        }
-        if step > 50 {
-            for _ in live(&h, "b")..2 {
-                h.arrive("b", Band::Standard, 60, 32);
-                let id = *h.live.iter().max().expect("just arrived");
-                waiting_b.push((id, step));
-            }
-        }
+        flood_and_trickle(&mut h, step > 50, step, &mut waiting_b);
         h.step(0);
-        waiting_b.retain(|(id, at)| {
-            let placed = h.s.is_running(*id) || !h.live.contains(id);
-            if placed {
-                waits.push(step - at);
-            }
-            !placed
-        });
+        placed(&h, step, &mut waiting_b, &mut waits);
     }
     assert!(waits.len() >= 15, "B was served: {} requests", waits.len());
     assert!(waits.iter().all(|w| *w <= 2), "B waited {waits:?} steps");
@@ -452,10 +468,9 @@ fn a_quiet_tenant_next_to_a_flood_is_admitted_within_two_steps() {
 #[test]
 fn a_quiet_tenant_back_next_to_a_flood_starts_first_and_alone() {
     let mut h = Harness::new(flood_config());
-    let live = |h: &Harness, t: &str| h.live.iter().filter(|id| h.tenant_of[*id] == t).count();
     // B alone.
     for _ in 0..1000 {
-        for _ in live(&h, "b")..2 {
+        for _ in in_flight(&h, "b")..2 {
             h.arrive("b", Band::Standard, 60, 32);
         }
         h.step(0);
@@ -465,16 +480,7 @@ fn a_quiet_tenant_back_next_to_a_flood_starts_first_and_alone() {
     let mut waits = Vec::new();
     let mut b_starts = 0;
     for step in 0..300u64 {
-        for _ in live(&h, "a")..20 {
-            h.arrive("a", Band::Standard, 60, 32);
-        }
-        if step > 2 {
-            for _ in live(&h, "b")..2 {
-                h.arrive("b", Band::Standard, 60, 32);
-                let id = *h.live.iter().max().expect("just arrived");
-                waiting_b.push((id, step));
-            }
-        }
+        flood_and_trickle(&mut h, step > 2, step, &mut waiting_b);
         let queued: Vec<RequestId> = (h.live.iter())
             .filter(|id| !h.s.is_running(**id))
             .copied()
@@ -488,13 +494,7 @@ fn a_quiet_tenant_back_next_to_a_flood_starts_first_and_alone() {
             b_starts += 1;
             assert!(!started.contains(&"a"), "step {step} started {started:?}");
         }
-        waiting_b.retain(|(id, at)| {
-            let placed = h.s.is_running(*id) || !h.live.contains(id);
-            if placed {
-                waits.push(step - at);
-            }
-            !placed
-        });
+        placed(&h, step, &mut waiting_b, &mut waits);
     }
     assert!(
         b_starts >= 10,
