@@ -59,9 +59,9 @@ macro_rules! child_span {
     ($parent:expr, $name:literal $(, $($fields:tt)*)?) => {{
         let parent: &tracing::Span = $parent;
         if $crate::trace::is_traced(parent) {
-            tracing::info_span!(target: "tokenfab_gateway::traced", parent: parent, $name $(, $($fields)*)?)
+            tracing::info_span!(target: $crate::trace::TRACED, parent: parent, $name $(, $($fields)*)?)
         } else {
-            tracing::info_span!(target: "tokenfab_gateway::untraced", parent: parent, $name $(, $($fields)*)?)
+            tracing::info_span!(target: $crate::trace::UNTRACED, parent: parent, $name $(, $($fields)*)?)
         }
     }};
 }
@@ -114,7 +114,7 @@ pub(crate) async fn identify(mut req: Request, next: Next) -> Response {
         .to_owned();
     // One field list, two callsites: the target carries the sampling decision.
     macro_rules! request_span {
-        ($target:literal) => {
+        ($target:expr) => {
             tracing::info_span!(
         target: $target,
         "request",
@@ -138,13 +138,13 @@ pub(crate) async fn identify(mut req: Request, next: Next) -> Response {
         };
     }
     let span = if SAMPLE.get().is_some_and(|f| f(req.headers())) {
-        let span = request_span!("tokenfab_gateway::traced");
+        let span = request_span!(TRACED);
         if let Some(parent) = PARENT.get() {
             parent(&span, req.headers());
         }
         span
     } else {
-        request_span!("tokenfab_gateway::untraced")
+        request_span!(UNTRACED)
     };
     req.extensions_mut().insert(XRequestId(id.clone()));
     let mut resp = next.run(req).instrument(span.clone()).await;

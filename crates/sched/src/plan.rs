@@ -229,11 +229,9 @@ impl Scheduler {
             lead: self.prefill_lead(),
             ..Admission::default()
         };
-        let before = (budget, work.len());
         self.plan_prefill(&mut budget, &mut work, &mut adm);
-        if adm.deferred.get() && work.len() == before.1 && adm.start.is_empty() {
+        if adm.deferred.get() && adm.start.is_empty() && work.iter().all(Work::is_decode) {
             adm.lead = None;
-            budget = before.0;
             self.plan_prefill(&mut budget, &mut work, &mut adm);
         }
 
