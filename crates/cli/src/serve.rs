@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokenfab_engine::{Engine, EngineMetrics, ExecutorCapacity, Tokenizer};
 use tokenfab_gateway::{
     AdminKey, AppState, AuthMode, GatewayConfig, GatewayMetrics, KeyCache, Limiter, ResponseCache,
-    ServerLimits,
+    ServerLimits, Shared,
 };
 use tokenfab_ledger::LedgerStore;
 use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig, LoadedModel};
@@ -147,7 +147,7 @@ async fn assemble(
     }
     let fleet = fleet(cfg, &registry, engine.as_ref().map(|_| name.clone())).await?;
     let tracker = TaskTracker::new();
-    let state = AppState {
+    let state = AppState::new(Shared {
         engine: engine.clone(),
         tokenizer,
         model: name.clone(),
@@ -176,7 +176,7 @@ async fn assemble(
             cfg.gateway.response_cache_entries,
             std::time::Duration::from_secs(cfg.gateway.response_cache_ttl_s),
         )),
-    };
+    });
     Ok(App {
         router: tokenfab_gateway::router(state),
         engine,

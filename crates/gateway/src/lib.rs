@@ -35,4 +35,4 @@ pub use meter::unix_now;
 pub use metrics::GatewayMetrics;
 pub use routes::router;
 pub use server::{serve, ServerLimits};
-pub use state::{AppState, GatewayConfig};
+pub use state::{AppState, GatewayConfig, Shared};

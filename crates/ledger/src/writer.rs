@@ -7,8 +7,10 @@
 //! - `progress` and `settle` once the commit that holds them is durable. On SQLite the
 //!   commit itself does not fsync (WAL, `synchronous=NORMAL`, which keeps the file
 //!   consistent); a second thread, the syncer, fsyncs the WAL after it and only then
-//!   answers. The next group's statements run while that fsync waits, and one fsync
-//!   covers every commit made meanwhile. PostgreSQL commits are durable when they return.
+//!   answers. While that fsync waits, the writer keeps its next transaction open and
+//!   applies whatever arrives; it commits when the syncer is free, so a busy server makes
+//!   about one commit per fsync, each covering many requests. PostgreSQL commits are
+//!   durable when they return.
 //! - `reserve` as soon as its conditional `UPDATE` has run, before the commit. That is
 //!   safe because nothing a reservation pays for is released before a later `progress`
 //!   or `settle` of the same request, which this writer commits in order after it: if the
@@ -108,7 +110,13 @@ type Answers = Vec<(Reply, Done)>;
 /// backend leaves the fsync to the writer (see [`Backend::deferred_sync`]).
 enum Durability {
     AtCommit,
-    Syncer(std::sync::mpsc::Sender<Answers>),
+    Syncer {
+        tx: std::sync::mpsc::Sender<Answers>,
+        /// Commits handed to the syncer and not yet answered.
+        pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        /// Signalled each time the syncer answered what it had.
+        idle: std::sync::Arc<tokio::sync::Notify>,
+    },
 }
 
 impl Durability {
@@ -117,9 +125,11 @@ impl Durability {
             Durability::AtCommit => answers.into_iter().for_each(|(r, d)| deliver(r, d)),
             // Nothing waits on this commit (only written-behind reserves): its bytes are
             // covered by the next fsync, which any later answer waits for.
-            Durability::Syncer(_) if answers.is_empty() => {}
-            Durability::Syncer(tx) => {
+            Durability::Syncer { .. } if answers.is_empty() => {}
+            Durability::Syncer { tx, pending, .. } => {
+                pending.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 if let Err(std::sync::mpsc::SendError(answers)) = tx.send(answers) {
+                    pending.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                     for (r, _) in answers {
                         let kind = reply_kind(&r);
                         deliver(r, failure(kind, "the ledger syncer stopped"));
@@ -133,14 +143,19 @@ impl Durability {
 /// The syncer: fsyncs `file` once for everything committed since its last fsync, then
 /// answers those commits — so the next group's statements run while this fsync waits, and
 /// one fsync covers every commit that finished while the previous one ran.
-fn spawn_syncer(file: std::path::PathBuf) -> std::io::Result<std::sync::mpsc::Sender<Answers>> {
+fn spawn_syncer(file: std::path::PathBuf) -> std::io::Result<Durability> {
     let (tx, rx) = std::sync::mpsc::channel::<Answers>();
+    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let idle = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (syncer_pending, syncer_idle) = (pending.clone(), idle.clone());
     std::thread::Builder::new()
         .name("ledger-sync".into())
         .spawn(move || {
             while let Ok(mut answers) = rx.recv() {
+                let mut commits = 1;
                 while let Ok(more) = rx.try_recv() {
                     answers.extend(more);
+                    commits += 1;
                 }
                 // Opened each time: SQLite may replace the file between syncs.
                 let started = std::time::Instant::now();
@@ -160,9 +175,11 @@ fn spawn_syncer(file: std::path::PathBuf) -> std::io::Result<std::sync::mpsc::Se
                         }
                     }
                 }
+                syncer_pending.fetch_sub(commits, std::sync::atomic::Ordering::AcqRel);
+                syncer_idle.notify_one();
             }
         })?;
-    Ok(tx)
+    Ok(Durability::Syncer { tx, pending, idle })
 }
 
 /// What a reservation holds, so settling it needs no read when this writer made it.
@@ -264,7 +281,7 @@ impl Writer {
                             let durability = match backend.deferred_sync() {
                                 None => Durability::AtCommit,
                                 Some(file) => match spawn_syncer(file) {
-                                    Ok(tx) => Durability::Syncer(tx),
+                                    Ok(syncer) => syncer,
                                     Err(e) => {
                                         let _ = ready_tx.send(Err(e.to_string()));
                                         return;
@@ -369,6 +386,15 @@ fn hold(m: &mut MirrorState, r: &Reservation) -> Option<Result<()>> {
     Some(Ok(()))
 }
 
+/// What a transaction's statements left for its commit.
+#[derive(Default)]
+struct Group {
+    /// (job index, its answer, the key charged when it settled).
+    after_commit: Vec<(usize, Done, Option<String>)>,
+    /// Reservations made, remembered once committed.
+    made: Vec<Reservation>,
+}
+
 struct Task<B> {
     db: B,
     held: HashMap<AttemptId, Held>,
@@ -390,14 +416,15 @@ impl<B: Backend> Task<B> {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut jobs = Vec::with_capacity(MAX_GROUP);
         while rx.recv_many(&mut jobs, MAX_GROUP).await > 0 {
-            match self.apply(&mut jobs).await {
+            match self.apply(&mut jobs, Some(&mut rx)).await {
                 Ok(answers) => self.durability.release(answers),
                 Err(e) => {
                     tracing::warn!(error = %e, jobs = jobs.len(), "ledger group commit failed; retrying one by one");
-                    for job in &mut jobs {
-                        match self.apply(std::slice::from_mut(job)).await {
+                    for job in std::mem::take(&mut jobs) {
+                        let mut one = vec![job];
+                        match self.apply(&mut one, None).await {
                             Ok(answers) => self.durability.release(answers),
-                            Err(e) => job.fail(&e),
+                            Err(e) => one.iter_mut().for_each(|j| j.fail(&e)),
                         }
                     }
                 }
@@ -406,21 +433,62 @@ impl<B: Backend> Task<B> {
         }
     }
 
-    async fn apply(&mut self, jobs: &mut [Job]) -> DbResult<Answers> {
+    /// One transaction over `jobs`, and over the jobs that arrive on `rx` while the syncer
+    /// is still busy with an earlier commit (see [`Task::more_while_syncing`]).
+    async fn apply(
+        &mut self,
+        jobs: &mut Vec<Job>,
+        mut rx: Option<&mut mpsc::Receiver<Job>>,
+    ) -> DbResult<Answers> {
         self.db.begin().await?;
-        let r = self.apply_in(jobs).await;
+        let mut group = Group::default();
+        let mut applied = 0;
+        let r = loop {
+            if let Err(e) = self.apply_in(jobs, applied, &mut group).await {
+                break Err(e);
+            }
+            applied = jobs.len();
+            let more = match rx.as_deref_mut() {
+                Some(rx) => self.more_while_syncing(rx, jobs).await,
+                None => false,
+            };
+            if !more {
+                break self.commit(jobs, group).await;
+            }
+        };
         if r.is_err() {
             self.db.rollback().await;
         }
         r
     }
 
-    /// One transaction over `jobs`. Reserves are answered here; the answers that must wait
-    /// for the commit to be durable are returned (see the module doc).
-    async fn apply_in(&mut self, jobs: &mut [Job]) -> DbResult<Answers> {
-        let mut after_commit = Vec::with_capacity(jobs.len());
-        let mut made = Vec::new();
-        for (n, job) in jobs.iter_mut().enumerate() {
+    /// While the syncer still fsyncs an earlier commit, the answers of a commit made now
+    /// would wait for that fsync and then for their own anyway: keep the transaction open
+    /// and take the jobs that arrive until the syncer is free (or the group is full), so
+    /// one commit, and the one fsync after it, covers more requests. Their statements run
+    /// while the fsync waits, as before; answers come no later; commits, WAL writes and
+    /// wake-ups per request drop. Reserves are still answered as their statement runs.
+    /// `true` when jobs were added.
+    async fn more_while_syncing(&self, rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>) -> bool {
+        let Durability::Syncer { pending, idle, .. } = &self.durability else {
+            return false;
+        };
+        while jobs.len() < MAX_GROUP && pending.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            let room = MAX_GROUP - jobs.len();
+            tokio::select! {
+                biased;
+                () = idle.notified() => {}
+                n = rx.recv_many(jobs, room) => return n > 0,
+            }
+        }
+        false
+    }
+
+    /// The statements of `jobs[from..]`, in the open transaction. Reserves are answered
+    /// here; the answers that must wait for the commit to be durable go to `group`.
+    async fn apply_in(&mut self, jobs: &mut [Job], from: usize, group: &mut Group) -> DbResult<()> {
+        let Group { after_commit, made } = group;
+        for (n, job) in jobs.iter_mut().enumerate().skip(from) {
             match &job.op {
                 Op::Reserve(r) => {
                     // A reserve that reached the writer directly (`reply` present) is held
@@ -482,6 +550,12 @@ impl<B: Backend> Task<B> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Commit the transaction `group` was applied in; the answers waiting for it.
+    async fn commit(&mut self, jobs: &mut [Job], group: Group) -> DbResult<Answers> {
+        let Group { after_commit, made } = group;
         self.db.commit().await?;
         if self.mirror.is_some() {
             for r in &made {
