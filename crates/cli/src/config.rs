@@ -33,10 +33,13 @@ pub struct ObservabilitySection {
     /// Gateway series updated per request (false only to measure what they cost; the
     /// engine's series and `/metrics` stay).
     pub metrics: bool,
-    /// Share of requests traced, 0–1, when export is on (head sampling: evenly spread, and
-    /// a client's `traceparent` sampled flag decides for its request). A traced request
-    /// costs the gateway ~20 µs of CPU; an untraced one nothing.
+    /// Share of API requests traced, 0–1, when export is on (head sampling: evenly spread,
+    /// and a client's `traceparent` sampled flag decides for its request). A traced
+    /// request costs the gateway ~20 µs of CPU; an untraced one nothing.
     pub trace_sample_ratio: f64,
+    /// Most traces started per second, whatever the ratio or a client's flag (0: no
+    /// limit): keeps tracing's cost fixed under heavy traffic.
+    pub trace_max_per_second: u64,
 }
 
 impl Default for ObservabilitySection {
@@ -45,6 +48,7 @@ impl Default for ObservabilitySection {
             otlp_endpoint: String::new(),
             metrics: true,
             trace_sample_ratio: 1.0,
+            trace_max_per_second: 100,
         }
     }
 }

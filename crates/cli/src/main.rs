@@ -223,10 +223,15 @@ fn main() -> anyhow::Result<()> {
             _ => args.resolve()?,
         };
         let o = &cfg.observability;
-        let _telemetry = telemetry::init(json, &o.otlp_endpoint, o.trace_sample_ratio)?;
+        let _telemetry = telemetry::init(
+            json,
+            &o.otlp_endpoint,
+            o.trace_sample_ratio,
+            o.trace_max_per_second,
+        )?;
         return serve::run(cfg);
     }
-    let _telemetry = telemetry::init(json, "", 1.0)?;
+    let _telemetry = telemetry::init(json, "", 1.0, 0)?;
     match cli.command {
         Command::Serve(_) | Command::Worker(_) => Ok(()),
         Command::Pull { model } => {

@@ -38,9 +38,14 @@ fn traces_url(endpoint: &str) -> String {
 }
 
 /// Install the global subscriber. `otlp_endpoint` empty = logs only; otherwise
-/// `sample_ratio` of requests are traced (see `trace_sampling`).
-pub fn init(json: bool, otlp_endpoint: &str, sample_ratio: f64) -> anyhow::Result<Telemetry> {
-    crate::trace_sampling::set_ratio(sample_ratio)?;
+/// `sample_ratio` of requests are traced, at most `max_per_second` (see `trace_sampling`).
+pub fn init(
+    json: bool,
+    otlp_endpoint: &str,
+    sample_ratio: f64,
+    max_per_second: u64,
+) -> anyhow::Result<Telemetry> {
+    crate::trace_sampling::set_ratio(sample_ratio, max_per_second)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);

@@ -9,20 +9,70 @@
 //! The decision (`tokenfab_gateway::trace::set_sampler`): a client's W3C `traceparent`
 //! decides for its request by its sampled flag (parent-based, as OpenTelemetry's default
 //! sampler); otherwise `observability.trace_sample_ratio` of requests are traced, evenly
-//! spread (a counter, not a coin: exactly that share, and reproducible).
+//! spread (a counter, not a coin: exactly that share, and reproducible). Either way at
+//! most `observability.trace_max_per_second` traces start per second (a budget per
+//! wall-clock second, like X-Ray's reservoir or Jaeger's rate-limiting sampler): with the
+//! defaults every request is traced at low traffic, and at tens of thousands of requests
+//! per second tracing costs the gateway a fixed ~2 ms of CPU per second, not a third of
+//! it. The budget applies to client-sampled requests too: an upstream service sampling
+//! everything must not be able to take that third.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 static RATIO: OnceLock<f64> = OnceLock::new();
 static SEEN: AtomicU64 = AtomicU64::new(0);
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+static BUDGET: Budget = Budget::new();
 
-/// Set the share of requests traced when the client says nothing (once per process).
-pub fn set_ratio(ratio: f64) -> anyhow::Result<()> {
+/// Traces allowed per wall-clock second.
+struct Budget {
+    /// Per second; 0: no limit.
+    max: AtomicU64,
+    /// The second (since `EPOCH`) `started` counts in.
+    second: AtomicU64,
+    started: AtomicU64,
+}
+
+impl Budget {
+    const fn new() -> Self {
+        Budget {
+            max: AtomicU64::new(0),
+            second: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+        }
+    }
+
+    /// Count a trace against second `now`'s budget; `false` when it is spent.
+    fn take(&self, now: u64) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        if max == 0 {
+            return true;
+        }
+        let second = self.second.load(Ordering::Acquire);
+        if now != second
+            && self
+                .second
+                .compare_exchange(second, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // The first request of a new second opens its budget (one of the old second
+            // counted in between makes the new budget one smaller: harmless).
+            self.started.store(0, Ordering::Release);
+        }
+        self.started.fetch_add(1, Ordering::AcqRel) < max
+    }
+}
+
+/// Set the share of requests traced when the client says nothing, and the most traces
+/// started per second (0: no limit), once per process.
+pub fn set_ratio(ratio: f64, max_per_second: u64) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&ratio) {
         anyhow::bail!("observability.trace_sample_ratio = {ratio}: a share is between 0 and 1");
     }
     let _ = RATIO.set(ratio);
+    BUDGET.max.store(max_per_second, Ordering::Relaxed);
     Ok(())
 }
 
@@ -38,11 +88,14 @@ fn parent_sampled(v: &str) -> Option<bool> {
 /// Whether the request with these headers is traced.
 pub fn sample(headers: &axum::http::HeaderMap) -> bool {
     let parent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    if let Some(sampled) = parent.and_then(parent_sampled) {
-        return sampled;
-    }
-    let ratio = RATIO.get().copied().unwrap_or(1.0);
-    ratio >= 1.0 || nth_traced(SEEN.fetch_add(1, Ordering::Relaxed), ratio)
+    let wanted = match parent.and_then(parent_sampled) {
+        Some(sampled) => sampled,
+        None => {
+            let ratio = RATIO.get().copied().unwrap_or(1.0);
+            ratio >= 1.0 || nth_traced(SEEN.fetch_add(1, Ordering::Relaxed), ratio)
+        }
+    };
+    wanted && BUDGET.take(EPOCH.get_or_init(Instant::now).elapsed().as_secs())
 }
 
 /// The n-th request is traced when it carries ⌊n·ratio⌋ past a whole number.
@@ -74,9 +127,22 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_allows_its_traces_per_second_and_opens_again_the_next() {
+        let b = Budget::new();
+        assert!((0..10).all(|_| b.take(0)), "0 = no limit");
+        b.max.store(3, Ordering::Relaxed);
+        b.started.store(0, Ordering::Relaxed);
+        let first: Vec<bool> = (0..5).map(|_| b.take(0)).collect();
+        assert_eq!(first, [true, true, true, false, false]);
+        let next: Vec<bool> = (0..4).map(|_| b.take(1)).collect();
+        assert_eq!(next, [true, true, true, false]);
+        assert!(b.take(7), "a later second has its own budget");
+    }
+
+    #[test]
     fn ratios_outside_zero_to_one_are_refused() {
-        assert!(set_ratio(1.5).is_err());
-        assert!(set_ratio(-0.1).is_err());
-        assert!(set_ratio(f64::NAN).is_err());
+        assert!(set_ratio(1.5, 0).is_err());
+        assert!(set_ratio(-0.1, 0).is_err());
+        assert!(set_ratio(f64::NAN, 0).is_err());
     }
 }

@@ -543,26 +543,9 @@ async fn a_sample_ratio_traces_its_share_and_a_clients_flag_decides_its_own() {
         let r = common::call(&url, None, &body, &[("traceparent", tp)]).await;
         assert_eq!(r.status(), 200);
     }
-    let roots = || -> BTreeSet<String> {
-        received
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|s| s.name == "POST /v1/chat/completions")
-            .map(|s| s.trace_id.clone())
-            .collect()
-    };
-    for _ in 0..100 {
-        if roots().len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    // Several export periods more: nothing else may arrive.
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let got = settled_traces(&received, 3).await;
     let _ = child.kill();
     let _ = child.wait();
-    let got = roots();
     assert_eq!(
         got.len(),
         3,
@@ -592,6 +575,69 @@ async fn a_sample_ratio_traces_its_share_and_a_clients_flag_decides_its_own() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("trace_sample_ratio = 2"), "{err}");
+}
+
+/// The trace ids of the request spans received, once `at_least` arrived (or 10 s passed)
+/// and several export periods more brought nothing else.
+async fn settled_traces(received: &Received, at_least: usize) -> BTreeSet<String> {
+    let roots = || -> BTreeSet<String> {
+        received
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.name == "POST /v1/chat/completions")
+            .map(|s| s.trace_id.clone())
+            .collect()
+    };
+    for _ in 0..100 {
+        if roots().len() >= at_least {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    roots()
+}
+
+/// `trace_max_per_second` bounds the traces started each second, for requests sampled by
+/// the ratio and by a client's flag alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_budget_caps_traces_per_second_whatever_asks_for_them() {
+    let (collector, received) = otlp_receiver().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tokenfab.toml");
+    std::fs::write(
+        &config,
+        "[observability]
+trace_max_per_second = 2
+",
+    )
+    .expect("config");
+    let flag: [&std::ffi::OsStr; 2] = ["--config".as_ref(), config.as_ref()];
+    let (mut child, url) = serve_exporting(&collector, dir.path(), &flag).await;
+    let body = json!({"model": "mock", "max_tokens": 1,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let started = std::time::Instant::now();
+    for i in 0..12 {
+        let tp = format!("00-8bf92f3577b34da6a3ce929d0e0e47{i:02}-00f067aa0ba902b7-01");
+        let headers: &[(&str, &str)] = if i % 2 == 0 {
+            &[("traceparent", &tp)]
+        } else {
+            &[]
+        };
+        assert_eq!(common::call(&url, None, &body, headers).await.status(), 200);
+    }
+    let seconds = started.elapsed().as_secs();
+    let got = settled_traces(&received, 2).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    // The requests fell in at most `seconds + 2` budget seconds of 2 traces each.
+    let most = 2 * (seconds as usize + 2);
+    assert!(
+        (2..=most).contains(&got.len()) && got.len() < 12,
+        "{} traces of 12 requests in {seconds} s: {got:?}",
+        got.len()
+    );
 }
 
 /// Through a routing gateway, the trace continues on the remote worker: the worker's

@@ -137,7 +137,10 @@ pub(crate) async fn identify(mut req: Request, next: Next) -> Response {
             )
         };
     }
-    let span = if SAMPLE.get().is_some_and(|f| f(req.headers())) {
+    // Probes, scrapes and the dashboard's polling are not traced (nor counted against the
+    // sampler's budget): only the API and the admin API are.
+    let api = route.starts_with("/v1/") || route.starts_with("/admin/");
+    let span = if api && SAMPLE.get().is_some_and(|f| f(req.headers())) {
         let span = request_span!(TRACED);
         if let Some(parent) = PARENT.get() {
             parent(&span, req.headers());
