@@ -20,8 +20,21 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The gateway's series: a handle to one shared [`Series`], so the copies the `track`
+/// middleware's state and each request's timer take cost an atomic increment.
 #[derive(Clone)]
-pub struct GatewayMetrics {
+pub struct GatewayMetrics(Arc<Series>);
+
+impl std::ops::Deref for GatewayMetrics {
+    type Target = Series;
+
+    fn deref(&self) -> &Series {
+        &self.0
+    }
+}
+
+#[derive(Clone)]
+pub struct Series {
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     requests: IntCounterVec,
@@ -50,7 +63,7 @@ impl GatewayMetrics {
                 labels,
             )
         };
-        let m = GatewayMetrics {
+        let m = Series {
             http_requests: IntCounterVec::new(
                 Opts::new(
                     "tokenfab_http_requests_total",
@@ -126,7 +139,7 @@ impl GatewayMetrics {
         registry.register(Box::new(m.cost.clone()))?;
         registry.register(Box::new(m.settle.clone()))?;
         registry.register(Box::new(m.open_reservations.clone()))?;
-        Ok(m)
+        Ok(GatewayMetrics(Arc::new(m)))
     }
 
     /// The last error responses, newest first.
@@ -158,7 +171,7 @@ impl GatewayMetrics {
 
     /// The same series, never updated by requests (`observability.metrics = false`).
     pub fn disabled(mut self) -> Self {
-        self.enabled = false;
+        Arc::make_mut(&mut self.0).enabled = false;
         self
     }
 
