@@ -45,7 +45,7 @@ pub fn init(
     sample_ratio: f64,
     max_per_second: u64,
 ) -> anyhow::Result<Telemetry> {
-    crate::trace_sampling::set_ratio(sample_ratio, max_per_second)?;
+    crate::trace_sampling::configure(sample_ratio, max_per_second)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);

@@ -44,12 +44,14 @@ impl Budget {
         }
     }
 
-    /// Count a trace against second `now`'s budget; `false` when it is spent.
-    fn take(&self, now: u64) -> bool {
+    /// Count a trace against the current second's budget; `false` when it is spent.
+    /// `now` (the second) is only read when there is a limit.
+    fn take(&self, now: impl FnOnce() -> u64) -> bool {
         let max = self.max.load(Ordering::Relaxed);
         if max == 0 {
             return true;
         }
+        let now = now();
         let second = self.second.load(Ordering::Acquire);
         if now != second
             && self
@@ -67,7 +69,7 @@ impl Budget {
 
 /// Set the share of requests traced when the client says nothing, and the most traces
 /// started per second (0: no limit), once per process.
-pub fn set_ratio(ratio: f64, max_per_second: u64) -> anyhow::Result<()> {
+pub fn configure(ratio: f64, max_per_second: u64) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&ratio) {
         anyhow::bail!("observability.trace_sample_ratio = {ratio}: a share is between 0 and 1");
     }
@@ -95,7 +97,7 @@ pub fn sample(headers: &axum::http::HeaderMap) -> bool {
             ratio >= 1.0 || nth_traced(SEEN.fetch_add(1, Ordering::Relaxed), ratio)
         }
     };
-    wanted && BUDGET.take(EPOCH.get_or_init(Instant::now).elapsed().as_secs())
+    wanted && BUDGET.take(|| EPOCH.get_or_init(Instant::now).elapsed().as_secs())
 }
 
 /// The n-th request is traced when it carries ⌊n·ratio⌋ past a whole number.
@@ -129,20 +131,20 @@ mod tests {
     #[test]
     fn the_budget_allows_its_traces_per_second_and_opens_again_the_next() {
         let b = Budget::new();
-        assert!((0..10).all(|_| b.take(0)), "0 = no limit");
+        assert!((0..10).all(|_| b.take(|| 0)), "0 = no limit");
         b.max.store(3, Ordering::Relaxed);
         b.started.store(0, Ordering::Relaxed);
-        let first: Vec<bool> = (0..5).map(|_| b.take(0)).collect();
+        let first: Vec<bool> = (0..5).map(|_| b.take(|| 0)).collect();
         assert_eq!(first, [true, true, true, false, false]);
-        let next: Vec<bool> = (0..4).map(|_| b.take(1)).collect();
+        let next: Vec<bool> = (0..4).map(|_| b.take(|| 1)).collect();
         assert_eq!(next, [true, true, true, false]);
-        assert!(b.take(7), "a later second has its own budget");
+        assert!(b.take(|| 7), "a later second has its own budget");
     }
 
     #[test]
     fn ratios_outside_zero_to_one_are_refused() {
-        assert!(set_ratio(1.5, 0).is_err());
-        assert!(set_ratio(-0.1, 0).is_err());
-        assert!(set_ratio(f64::NAN, 0).is_err());
+        assert!(configure(1.5, 0).is_err());
+        assert!(configure(-0.1, 0).is_err());
+        assert!(configure(f64::NAN, 0).is_err());
     }
 }
