@@ -151,6 +151,11 @@ fn spawn_syncer(file: std::path::PathBuf) -> std::io::Result<Durability> {
     std::thread::Builder::new()
         .name("ledger-sync".into())
         .spawn(move || {
+            // Set when an fsync failed: what it covered may be lost (the kernel may have
+            // dropped the dirty pages and will not report it again to a later fsync), and
+            // every later commit sits behind it in the WAL, so they all fail until the
+            // process restarts and recovery reads what the file really holds.
+            let mut failed = false;
             while let Ok(mut answers) = rx.recv() {
                 let mut commits = 1;
                 while let Ok(more) = rx.try_recv() {
@@ -159,19 +164,24 @@ fn spawn_syncer(file: std::path::PathBuf) -> std::io::Result<Durability> {
                 }
                 // Opened each time: SQLite may replace the file between syncs.
                 let started = std::time::Instant::now();
-                let synced = std::fs::File::open(&file).and_then(|f| f.sync_data());
+                let mut synced = std::fs::File::open(&file)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| format!("ledger fsync failed: {e}"));
                 if started.elapsed() > SLOW_FSYNC {
                     tracing::warn!(ms = started.elapsed().as_millis() as u64, waiting = answers.len(), "slow ledger fsync: the disk held these requests' responses");
                 }
                 if let Err(e) = &synced {
-                    tracing::error!(error = %e, file = %file.display(), "ledger fsync failed; the requests it covered end in errors");
+                    tracing::error!(error = %e, file = %file.display(), "the requests it covered, and every later one, end in errors until a restart");
+                    failed = true;
+                } else if failed {
+                    synced = Err("an earlier ledger fsync failed; restart to recover".into());
                 }
                 for (reply, done) in answers {
                     match &synced {
                         Ok(()) => deliver(reply, done),
                         Err(e) => {
                             let kind = reply_kind(&reply);
-                            deliver(reply, failure(kind, &format!("ledger fsync failed: {e}")));
+                            deliver(reply, failure(kind, e));
                         }
                     }
                 }

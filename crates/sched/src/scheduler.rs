@@ -211,8 +211,19 @@ impl Scheduler {
     pub fn stats(&self) -> &SchedStats {
         &self.stats
     }
+    /// Prefill throughput with the running batch as it is now (see
+    /// [`StepTimes::prefill_tokens_per_sec`]).
     pub(crate) fn prefill_tokens_per_sec(&self) -> Option<f64> {
-        self.times.prefill_tokens_per_sec()
+        let decodes = self
+            .running
+            .iter()
+            .filter(|r| r.remaining_prefill() == 0)
+            .count();
+        self.times.prefill_tokens_per_sec(
+            decodes,
+            u64::from(self.cfg.max_step_tokens),
+            self.cfg.target_step,
+        )
     }
     pub(crate) fn running_prefill_backlog(&self) -> u64 {
         self.running.iter().map(|r| r.remaining_prefill()).sum()
