@@ -1,7 +1,10 @@
 //! `tokenfab calibrate`: time the real llama.cpp executor on this machine over a grid of
-//! batch shapes, fit the simulator's linear step-time model to the measurements and write
-//! it as a named profile (by default `cpu:smollm2-135m` in `$TOKENFAB_HOME/profiles.toml`,
-//! which overlays the shipped profiles for `tokenfab sim` and `worker --mock`).
+//! batch shapes, then the live engine loop serving a synthetic workload (`live.rs`), fit
+//! the simulator's linear step-time model to both and write it as a named profile (by
+//! default `cpu:smollm2-135m` in `$TOKENFAB_HOME/profiles.toml`, which overlays the
+//! shipped profiles for `tokenfab sim` and `worker --mock`).
+
+mod live;
 
 use clap::Args;
 use std::time::Instant;
@@ -37,6 +40,13 @@ pub struct CalibrateArgs {
     /// The machine's price, for cost reports.
     #[arg(long, default_value_t = 0.05)]
     usd_per_hour: f64,
+    /// The live pass's workload, a `sim --synthetic` spec served by the real engine loop
+    /// with serve's settings; the profile is fitted to its steps.
+    #[arg(long, default_value = "poisson:0.5:40:200:32")]
+    live: String,
+    /// Fit the grid alone (faster, but ~20 % more optimistic than a live server).
+    #[arg(long)]
+    no_live: bool,
 }
 
 /// One measured batch shape.
@@ -103,7 +113,33 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         let ctxs = vec![128; b as usize];
         points.push(measure(&mut exec, repeats, &what, &ctxs, p)?);
     }
-    let [base, per_token, per_seq, per_kv] = fit(&points);
+    let grid = points.len();
+    if !a.no_live {
+        let serve = crate::config::Config::default();
+        let exec_cfg = LlamaExecutorConfig {
+            kv_tokens: serve.model.kv_tokens,
+            slots: serve.model.slots,
+            batch_tokens: serve.scheduler.max_step_tokens,
+            ubatch_tokens: serve.model.ubatch_tokens,
+            threads: a.threads,
+        };
+        drop(exec);
+        let m = model.clone();
+        let live = live::measure(&a.live, serve.engine()?, move || {
+            LlamaExecutor::new(&m, &exec_cfg).map_err(|e| e.to_string())
+        })?;
+        points.extend(live);
+    }
+    // With live steps, the fit is theirs alone: the same batch shapes ran ~20 % slower in
+    // the live loop than back to back in the grid (server threads waking per token take
+    // the cores from the kernels' threads), and a simulation must match the server. The
+    // grid then shows how far isolated batches are from the fitted model.
+    let fitted_on = if points.len() > grid {
+        &points[grid..]
+    } else {
+        &points[..]
+    };
+    let [base, per_token, per_seq, per_kv] = fit(fitted_on);
     let serve_defaults = crate::config::Config::default().model;
     let entry = ProfileEntry {
         base_ms: round(base * 1e3, 3),
@@ -119,27 +155,59 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         "{:<28} {:>11} {:>11} {:>8}",
         "batch", "measured ms", "model ms", "error"
     );
-    let mut errors = Vec::new();
-    for p in &points {
-        let model_s = fitted.step_time(p.tokens, p.seqs, p.kv).0 as f64 / 1e9;
-        let err = (model_s - p.secs) / p.secs;
-        errors.push(err.abs());
+    let model_s = |p: &Point| fitted.step_time(p.tokens, p.seqs, p.kv).0 as f64 / 1e9;
+    let error = |p: &Point| (model_s(p) - p.secs) / p.secs;
+    for p in &points[..grid] {
+        let err = error(p);
         println!(
             "{:<28} {:>11.2} {:>11.2} {:>7.1}%",
             p.what,
             p.secs * 1e3,
-            model_s * 1e3,
+            model_s(p) * 1e3,
             err * 100.0
         );
     }
+    // Live steps by kind: their total time (what a simulated run adds up) and the mean
+    // error of one step.
+    for (kind, pick) in [
+        ("live decode steps", 0),
+        ("live lone prefill steps", 1),
+        ("live steps mixing prefill", 2),
+    ] {
+        let of_kind: Vec<&Point> = points[grid..]
+            .iter()
+            .filter(|p| match pick {
+                0 => p.tokens == p.seqs,
+                1 => p.seqs == 1 && p.tokens > 1,
+                _ => p.seqs > 1 && p.tokens > p.seqs,
+            })
+            .collect();
+        if of_kind.is_empty() {
+            continue;
+        }
+        let measured: f64 = of_kind.iter().map(|p| p.secs).sum();
+        let modelled: f64 = of_kind.iter().map(|p| model_s(p)).sum();
+        let mean = of_kind.iter().map(|p| error(p).abs()).sum::<f64>() / of_kind.len() as f64;
+        println!(
+            "{:<28} {:>11.0} {:>11.0} {:>7.1}%  ({} steps, total ms; mean step error {:.1} %)",
+            kind,
+            measured * 1e3,
+            modelled * 1e3,
+            (modelled - measured) / measured * 100.0,
+            of_kind.len(),
+            mean * 100.0
+        );
+    }
+    let errors: Vec<f64> = fitted_on.iter().map(|p| error(p).abs()).collect();
     let mean = errors.iter().sum::<f64>() / errors.len() as f64;
     let max = errors.iter().copied().fold(0.0, f64::max);
     println!(
-        "{name}: base {} ms, {} µs/token, {} µs/sequence, {} ns/KV token; error mean {:.1} %, max {:.1} %",
+        "{name}: base {} ms, {} µs/token, {} µs/sequence, {} ns/KV token; fitted to the {} steps: error mean {:.1} %, max {:.1} %",
         entry.base_ms,
         entry.per_token_us,
         entry.per_seq_us,
         entry.per_kv_token_ns,
+        if fitted_on.len() == grid { "grid's" } else { "live" },
         mean * 100.0,
         max * 100.0
     );
