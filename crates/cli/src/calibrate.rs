@@ -1,8 +1,9 @@
 //! `tokenfab calibrate`: time the real llama.cpp executor on this machine over a grid of
-//! batch shapes, then the live engine loop serving a synthetic workload (`live.rs`), fit
-//! the simulator's linear step-time model to both and write it as a named profile (by
-//! default `cpu:smollm2-135m` in `$TOKENFAB_HOME/profiles.toml`, which overlays the
-//! shipped profiles for `tokenfab sim` and `worker --mock`).
+//! batch shapes, then the live engine loop serving a synthetic workload (`live.rs`); fit
+//! the simulator's linear step-time model to the live steps (the grid is the check, or
+//! the fit with `--no-live`) and write it as a named profile (by default
+//! `cpu:smollm2-135m` in `$TOKENFAB_HOME/profiles.toml`, which overlays the shipped
+//! profiles for `tokenfab sim` and `worker --mock`).
 
 mod live;
 

@@ -53,11 +53,10 @@ impl StepTimes {
     }
 
     /// Estimated seconds of a step of `n` decodes and nothing else (`n` = 0: its fixed
-    /// cost): observed, else on the line
-    /// through the nearest observed sizes on either side (or the two nearest on one side),
-    /// kept between constant and proportional scaling of the nearest one. Proportional
-    /// scaling alone would charge a GPU's fixed step cost once per sequence: a 30 ms
-    /// single-decode step would predict 480 ms for 16.
+    /// cost): observed, else on the line through the nearest observed sizes on either
+    /// side (or the two nearest on one side), kept between constant and proportional
+    /// scaling of the nearest one. Proportional scaling alone would charge a GPU's fixed
+    /// step cost once per sequence: a 30 ms single-decode step would predict 480 ms for 16.
     pub fn decode_time(&self, n: usize) -> Option<f64> {
         self.decode_estimate(n).map(|(t, _)| t)
     }
@@ -65,7 +64,6 @@ impl StepTimes {
     /// [`decode_time`](Self::decode_time), and the least it can be given what was
     /// observed (a step costs at least its nearest smaller observed size, or its
     /// proportional share of the nearest larger one).
-    /// At `n` = 0 this is the step's fixed cost, which a prefill-only step pays too.
     fn decode_estimate(&self, n: usize) -> Option<(f64, f64)> {
         if let Some(Some(t)) = self.decode.get(n) {
             return Some((*t, *t));
