@@ -234,16 +234,11 @@ fn measure(
         temperature: 0.0,
         ..SamplingParams::default()
     };
-    let tokens = |n: u64, salt: u64| -> Vec<TokenId> {
-        (0..n)
-            .map(|k| TokenId(100 + ((k * 31 + salt * 7) % 2000) as i32))
-            .collect()
-    };
     let slots: Vec<SeqSlot> = (0..=ctxs.len() as u32).map(SeqSlot).collect();
     // Untimed: bring the decoding sequences to their contexts.
     for (i, &ctx) in ctxs.iter().enumerate() {
         exec.begin(slots[i], &params);
-        let t = tokens(ctx, i as u64);
+        let t = filler_tokens(ctx, i as u64);
         exec.run(&[BatchEntry {
             slot: slots[i],
             pos: 0,
@@ -257,9 +252,9 @@ fn measure(
     // caches, thread pool).
     for run in 0..=repeats {
         let step: Vec<Vec<TokenId>> = (0..ctxs.len())
-            .map(|i| tokens(1, 1000 + (i + run) as u64))
+            .map(|i| filler_tokens(1, 1000 + (i + run) as u64))
             .collect();
-        let fresh = tokens(prefill, 99 + run as u64);
+        let fresh = filler_tokens(prefill, 99 + run as u64);
         let mut batch: Vec<BatchEntry<'_>> = ctxs
             .iter()
             .enumerate()
@@ -303,6 +298,13 @@ fn measure(
         kv,
         secs,
     })
+}
+
+/// `n` ordinary vocabulary tokens; different salts (below 2,000) share no prefix.
+fn filler_tokens(n: u64, salt: u64) -> Vec<TokenId> {
+    (0..n)
+        .map(|k| TokenId(100 + ((k * 31 + salt * 7) % 2000) as i32))
+        .collect()
 }
 
 /// Least squares in relative error (rows weighted by 1/time): the coefficients of

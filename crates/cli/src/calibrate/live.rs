@@ -11,7 +11,7 @@ use tokenfab_engine::{
     BatchEntry, Engine, EngineConfig, EngineMetrics, Event, ExecError, Executor, ExecutorCapacity,
     GenerateRequest, Sampled, SamplingParams,
 };
-use tokenfab_types::{Band, SeqSlot, TenantId, TokenId, Tokens};
+use tokenfab_types::{Band, SeqSlot, TenantId, Tokens};
 
 /// The trace seed: not the fidelity check's default, so the profile is not fitted to the
 /// very requests it is then compared on.
@@ -92,9 +92,7 @@ where
         for (i, r) in trace.into_iter().enumerate() {
             tokio::time::sleep_until(start + Duration::from_nanos(r.arrival.0)).await;
             // Distinct prompts: the prefix cache must not turn a prefill into a copy.
-            let prompt: Vec<TokenId> = (0..r.input_tokens.max(1))
-                .map(|k| TokenId(100 + ((k * 31 + i as u64 * 977) % 2000) as i32))
-                .collect();
+            let prompt = super::filler_tokens(r.input_tokens.max(1), 1000 + i as u64);
             let mut generation = engine.submit(GenerateRequest {
                 tenant: TenantId("calibrate".into()),
                 band: Band::Standard,
