@@ -170,19 +170,15 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     }
     // Live steps by kind: their total time (what a simulated run adds up) and the mean
     // error of one step.
-    for (kind, pick) in [
-        ("live decode steps", 0),
-        ("live lone prefill steps", 1),
-        ("live steps mixing prefill", 2),
+    let is_decode: fn(&Point) -> bool = |p| p.tokens == p.seqs;
+    for (kind, is_kind) in [
+        ("live decode steps", is_decode),
+        ("live lone prefill steps", |p| p.seqs == 1 && p.tokens > 1),
+        ("live steps mixing prefill", |p| {
+            p.seqs > 1 && p.tokens > p.seqs
+        }),
     ] {
-        let of_kind: Vec<&Point> = points[grid..]
-            .iter()
-            .filter(|p| match pick {
-                0 => p.tokens == p.seqs,
-                1 => p.seqs == 1 && p.tokens > 1,
-                _ => p.seqs > 1 && p.tokens > p.seqs,
-            })
-            .collect();
+        let of_kind: Vec<&Point> = points[grid..].iter().filter(|p| is_kind(p)).collect();
         if of_kind.is_empty() {
             continue;
         }

@@ -68,16 +68,15 @@ impl StepTimes {
         if let Some(Some(t)) = self.decode.get(n) {
             return Some((*t, *t));
         }
-        let seen = || {
-            self.decode
-                .iter()
-                .enumerate()
-                .skip(1)
-                .filter_map(|(k, t)| t.map(|t| (k as f64, t)))
-        };
+        let seen = self
+            .decode
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter_map(|(k, t)| t.map(|t| (k as f64, t)));
         // The two nearest observed sizes below `n`, nearest first, and the two above.
         let (mut below, mut above) = ([None; 2], [None; 2]);
-        for (k, t) in seen() {
+        for (k, t) in seen {
             if k < n as f64 {
                 below = [Some((k, t)), below[0]];
             } else if above[0].is_none() {
