@@ -119,6 +119,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         let serve = crate::config::Config::default();
         let exec_cfg = LlamaExecutorConfig {
             kv_tokens: serve.model.kv_tokens,
+            layout: serve.model.kv_layout,
             slots: serve.model.slots,
             batch_tokens: serve.scheduler.max_step_tokens,
             ubatch_tokens: serve.model.ubatch_tokens,

@@ -114,8 +114,12 @@ pub struct ModelConfig {
     /// Catalog name, local .gguf path, or hf:<owner>/<repo>/<file>; `none`: no local
     /// engine (a gateway that only routes to `[fleet]` workers).
     pub name: String,
-    /// KV cells shared by all sequences (tokens).
+    /// KV cells of all sequences together (tokens).
     pub kv_tokens: u32,
+    /// `unified` (one pool for all slots; least memory, prefixes shared without copies)
+    /// or `per-sequence` (`kv_tokens / slots` cells reserved per slot, as llama-server
+    /// with `-np`; faster batched decode, each sequence limited to its slot's cells).
+    pub kv_layout: tokenfab_llama::KvLayout,
     /// Sequence slots of the llama.cpp context: running sequences plus finished ones kept
     /// as prefix-cache entries.
     pub slots: u32,
@@ -181,6 +185,7 @@ impl Default for ModelConfig {
             // 6,144 cells (~135 MB of f16 KV for SmolLM2-135M) keep an idle server under
             // 300 MB resident; raise it for more prefix cache and longer batches.
             kv_tokens: 6144,
+            kv_layout: tokenfab_llama::KvLayout::Unified,
             slots: 64,
             ubatch_tokens: 256,
             threads: 0,

@@ -88,6 +88,9 @@ pub struct ServeArgs {
     /// KV cells (tokens) shared by all sequences.
     #[arg(long, env = "TOKENFAB_KV_TOKENS")]
     kv_tokens: Option<u32>,
+    /// KV layout: `unified` (one pool) or `per-sequence` (kv-tokens / slots per slot).
+    #[arg(long, env = "TOKENFAB_KV_LAYOUT")]
+    kv_layout: Option<tokenfab_llama::KvLayout>,
     /// Sequence slots of the llama.cpp context (running + prefix-cache entries).
     #[arg(long, env = "TOKENFAB_SLOTS")]
     slots: Option<u32>,
@@ -147,6 +150,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.kv_tokens {
             c.model.kv_tokens = v;
+        }
+        if let Some(v) = self.kv_layout {
+            c.model.kv_layout = v;
         }
         if let Some(v) = self.slots {
             c.model.slots = v;

@@ -78,6 +78,7 @@ pub async fn build_with_model(cfg: &Config, model: Arc<LoadedModel>) -> anyhow::
     let engine_metrics = EngineMetrics::new(&registry, model.name())?;
     let exec_cfg = LlamaExecutorConfig {
         kv_tokens: cfg.model.kv_tokens,
+        layout: cfg.model.kv_layout,
         slots: cfg.model.slots,
         batch_tokens: cfg.scheduler.max_step_tokens,
         ubatch_tokens: cfg.model.ubatch_tokens,
@@ -102,6 +103,7 @@ async fn build_mock(cfg: &Config) -> anyhow::Result<App> {
         kv_tokens: u64::from(cfg.model.kv_tokens),
         max_seq_tokens: u64::from(cfg.model.kv_tokens),
         max_batch_tokens: cfg.scheduler.max_step_tokens,
+        stream_per_slot: false,
     };
     let engine = Engine::spawn(cfg.engine()?, engine_metrics, move || {
         Ok(ModelExecutor::new(spec, capacity))

@@ -58,6 +58,11 @@ pub struct SimArgs {
     /// With --against: output tokens per request at most.
     #[arg(long, default_value_t = 64)]
     max_tokens: u32,
+    /// With --against: replay the trace this many times and compare the simulation with
+    /// the median run (each percentile's median across runs); the measured range is
+    /// printed beside it. One replay on a shared machine varies by more than 15 %.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    repeat: u32,
 }
 
 /// How a trace is replayed (`sim`, and `bench --trace`).
@@ -288,11 +293,19 @@ fn fidelity(
     for r in &mut trace {
         r.output_tokens = r.output_tokens.clamp(1, u64::from(a.max_tokens));
     }
-    eprintln!("replaying {} requests against {url}", trace.len());
-    let measured = crate::bench::replay(url, &trace, a.max_tokens)?;
-    // The workload as the server counted it: its tokenizer and chat template decide the
-    // prompt length, the model's end token may stop a generation early.
-    for m in &measured {
+    let mut runs = Vec::with_capacity(a.repeat as usize);
+    for run in 1..=a.repeat {
+        eprintln!(
+            "replaying {} requests against {url} ({run} of {})",
+            trace.len(),
+            a.repeat
+        );
+        runs.push(crate::bench::replay(url, &trace, a.max_tokens)?);
+    }
+    // The workload as the server counted it in the first run: its tokenizer and chat
+    // template decide the prompt length, the model's end token may stop a generation
+    // early.
+    for m in &runs[0] {
         let r = &mut trace[m.index];
         if let Some(p) = m.prompt_tokens {
             r.input_tokens = p;
@@ -311,34 +324,107 @@ fn fidelity(
             seed: a.seed,
         },
     );
-    let real_ttft = pcts(measured.iter().map(|m| m.ttft_ms).collect());
-    let real_tpot = pcts(
-        measured
-            .iter()
-            .filter(|m| m.completion_tokens.unwrap_or(2) > 1)
-            .map(|m| m.tpot_ms)
-            .collect(),
-    );
+    let ttft: Vec<Pcts> = runs
+        .iter()
+        .map(|run| pcts(run.iter().map(|m| m.ttft_ms).collect()))
+        .collect();
+    let tpot: Vec<Pcts> = runs
+        .iter()
+        .map(|run| {
+            pcts(
+                run.iter()
+                    .filter(|m| m.completion_tokens.unwrap_or(2) > 1)
+                    .map(|m| m.tpot_ms)
+                    .collect(),
+            )
+        })
+        .collect();
     println!(
-        "{} requests: {url} vs simulated {} ({} completed)",
+        "{} requests: {url} ({} run{}) vs simulated {} ({} completed)",
         trace.len(),
+        runs.len(),
+        if runs.len() == 1 { "" } else { "s" },
         workers[0].kind,
         sim.completed
     );
     println!(
-        "{:<10} {:>10} {:>10} {:>8}",
-        "ms", "measured", "simulated", "diff"
+        "{:<10} {:>10} {:>19} {:>10} {:>8}",
+        "ms", "measured", "measured range", "simulated", "diff"
     );
-    let row = |name: &str, real: f64, simulated: f64| {
-        let diff = (simulated - real) / real.max(1e-9) * 100.0;
-        println!("{name:<10} {real:>10.1} {simulated:>10.1} {diff:>7.1}%");
+    let row = |name: String, runs: Vec<f64>, simulated: f64| {
+        let spread = Spread::of(runs);
+        let diff = (simulated - spread.median) / spread.median.max(1e-9) * 100.0;
+        let range = format!("{:.1}–{:.1}", spread.min, spread.max);
+        println!(
+            "{name:<10} {:>10.1} {range:>19} {simulated:>10.1} {diff:>7.1}%",
+            spread.median
+        );
     };
-    let rows = |what: &str, real: Pcts, simulated: Pcts| {
-        row(&format!("{what} p50"), real.p50, simulated.p50);
-        row(&format!("{what} p90"), real.p90, simulated.p90);
-        row(&format!("{what} p99"), real.p99, simulated.p99);
+    let rows = |what: &str, real: &[Pcts], simulated: Pcts| {
+        row(
+            format!("{what} p50"),
+            real.iter().map(|p| p.p50).collect(),
+            simulated.p50,
+        );
+        row(
+            format!("{what} p90"),
+            real.iter().map(|p| p.p90).collect(),
+            simulated.p90,
+        );
+        row(
+            format!("{what} p99"),
+            real.iter().map(|p| p.p99).collect(),
+            simulated.p99,
+        );
     };
-    rows("ttft", real_ttft, sim.ttft_ms);
-    rows("tpot", real_tpot, sim.tpot_ms);
+    rows("ttft", &ttft, sim.ttft_ms);
+    rows("tpot", &tpot, sim.tpot_ms);
     Ok(())
+}
+
+/// Median and range of one percentile over repeated measured runs.
+#[derive(Debug, PartialEq)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    /// `runs` is non-empty (`--repeat` is at least 1). An even count takes the mean of
+    /// the two middle runs.
+    fn of(mut runs: Vec<f64>) -> Spread {
+        runs.sort_by(f64::total_cmp);
+        let n = runs.len();
+        let median = if n % 2 == 1 {
+            runs[n / 2]
+        } else {
+            (runs[n / 2 - 1] + runs[n / 2]) / 2.0
+        };
+        Spread {
+            median,
+            min: runs[0],
+            max: runs[n - 1],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spread;
+
+    #[test]
+    fn spread_takes_the_median_run_and_the_range() {
+        let s = Spread::of(vec![1500.0, 1343.0, 1856.0]);
+        assert_eq!(
+            s,
+            Spread {
+                median: 1500.0,
+                min: 1343.0,
+                max: 1856.0
+            }
+        );
+        assert_eq!(Spread::of(vec![4.0, 2.0]).median, 3.0);
+        assert_eq!(Spread::of(vec![7.0]).median, 7.0);
+    }
 }

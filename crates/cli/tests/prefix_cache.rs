@@ -1,6 +1,6 @@
-//! Prefix reuse on the real engine: a shared system prompt is prefilled once per tenant,
-//! reuse is exact (bit-identical logits to a cold run computed in the same pieces), and
-//! it never crosses tenants.
+//! Prefix reuse on the real engine, in both KV layouts: a shared system prompt is
+//! prefilled once per tenant, reuse is exact (bit-identical logits to a cold run computed
+//! in the same pieces), and it never crosses tenants.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokenfab_engine::{
     Band, ChatTurn, Event, Executor, GenerateRequest, SamplingParams, Slo, Tokenizer,
 };
-use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig};
+use tokenfab_llama::{KvLayout, LlamaExecutor, LlamaExecutorConfig};
 use tokenfab_types::{SeqSlot, TenantId, TokenId, Tokens};
 
 fn system_prompt() -> String {
@@ -70,7 +70,19 @@ async fn cached_tokens(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_system_prompt_is_prefilled_once_per_tenant() {
-    let app = tokenfab::serve::build_with_model(&config(), model())
+    prefilled_once_per_tenant(config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_sequence_layout_reuses_prefixes_by_stream_copy() {
+    let mut cfg = config();
+    cfg.model.kv_layout = KvLayout::PerSequence;
+    cfg.model.kv_tokens = 8 * 2048;
+    prefilled_once_per_tenant(cfg).await;
+}
+
+async fn prefilled_once_per_tenant(cfg: tokenfab::config::Config) {
+    let app = tokenfab::serve::build_with_model(&cfg, model())
         .await
         .expect("app");
     let m = model();
@@ -121,14 +133,30 @@ fn last_logits(exec: &mut LlamaExecutor, slot: SeqSlot, pos: u64, tokens: &[Toke
 
 #[test]
 fn reuse_is_bit_exact_against_a_cold_run_in_the_same_pieces() {
+    reuse_is_bit_exact(KvLayout::Unified);
+}
+
+#[test]
+fn stream_copy_reuse_is_bit_exact_against_a_cold_run_in_the_same_pieces() {
+    reuse_is_bit_exact(KvLayout::PerSequence);
+}
+
+fn reuse_is_bit_exact(layout: KvLayout) {
     let m = model();
     let cfg = LlamaExecutorConfig {
-        kv_tokens: 4096,
+        kv_tokens: 4 * 2048,
+        layout,
         slots: 4,
         threads: 2,
         ..LlamaExecutorConfig::default()
     };
     let mut exec = LlamaExecutor::new(&m, &cfg).expect("executor");
+    // Per sequence, each slot holds a quarter of the cells, and so does one sequence.
+    let per_seq = match layout {
+        KvLayout::Unified => 4 * 2048,
+        KvLayout::PerSequence => 2048,
+    };
+    assert_eq!(exec.capacity().max_seq_tokens, per_seq);
     let greedy = SamplingParams {
         temperature: 0.0,
         ..SamplingParams::default()

@@ -89,6 +89,7 @@ impl EngineConfig {
                     (t.clone(), quota)
                 })
                 .collect(),
+            adopt_cached_slots: cap.stream_per_slot,
         }
     }
 }

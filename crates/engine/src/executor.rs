@@ -34,6 +34,9 @@ pub struct ExecutorCapacity {
     pub max_seq_tokens: u64,
     /// Tokens one batch can carry.
     pub max_batch_tokens: u32,
+    /// Each slot is a separate KV stream: a prefix copy moves a whole stream, and only
+    /// consecutive slots share a kernel micro-batch (see `SchedConfig::adopt_cached_slots`).
+    pub stream_per_slot: bool,
 }
 
 /// One sequence's part of a batch: `tokens` at positions `pos..pos + tokens.len()`.
@@ -70,7 +73,9 @@ pub trait Executor {
     fn release(&mut self, slot: SeqSlot);
 
     /// Prepare a slot for a new sequence (called before its first batch entry, and again
-    /// after a preemption restarts it): clear its KV, set up its sampler.
+    /// after a preemption restarts it): set up its sampler. Its KV is already as the plan
+    /// wants it: empty (released earlier), or exactly a prefix the sequence took over
+    /// from a cache entry in place (trimmed earlier in the same plan).
     fn begin(&mut self, slot: SeqSlot, params: &SamplingParams);
 
     /// Make positions `0..tokens` of `from` part of `to` as well (prefix reuse).

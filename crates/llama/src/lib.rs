@@ -12,5 +12,5 @@ pub mod pull;
 mod sample;
 mod template;
 
-pub use executor::{LlamaExecutor, LlamaExecutorConfig};
+pub use executor::{KvLayout, LlamaExecutor, LlamaExecutorConfig};
 pub use model::{LoadedModel, ModelError};

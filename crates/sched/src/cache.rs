@@ -142,6 +142,45 @@ impl Scheduler {
         Some((table.get(..k)?.to_vec(), source))
     }
 
+    /// Whether a new sequence with prefix `hit` takes the source's slot over in place
+    /// ([`SchedConfig::adopt_cached_slots`](crate::SchedConfig)): the source must be a
+    /// cache entry that no earlier admission of this plan copies from.
+    pub(crate) fn adoptable(
+        &self,
+        hit: &Option<(Vec<BlockId>, SeqSlot)>,
+        pinned: &[SeqSlot],
+    ) -> bool {
+        self.cfg.adopt_cached_slots
+            && hit.as_ref().is_some_and(|(_, src)| {
+                !pinned.contains(src) && self.cached.iter().any(|c| c.slot == *src)
+            })
+    }
+
+    /// End the cache entry in `slot` so that a new sequence starts there on its first
+    /// `keep_blocks` blocks (`tokens` tokens): the rest of its blocks go back to the pool
+    /// and its cells past the prefix are trimmed in this plan.
+    pub(crate) fn take_over(&mut self, slot: SeqSlot, keep_blocks: usize, tokens: u64) {
+        if let Some(i) = self.cached.iter().position(|c| c.slot == slot) {
+            let c = self.cached.swap_remove(i);
+            for b in c.blocks.iter().skip(keep_blocks) {
+                self.blocks.release(*b, slot);
+            }
+        }
+        self.trim.retain(|(s, _)| *s != slot);
+        self.trim.push((slot, tokens));
+    }
+
+    /// The lowest free slot: running sequences stay packed at the low end, so a
+    /// per-sequence KV layout batches them as few runs of consecutive slots.
+    pub(crate) fn take_free_slot(&mut self) -> Option<SeqSlot> {
+        let (i, _) = self
+            .free_slots
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| s.0)?;
+        Some(self.free_slots.swap_remove(i))
+    }
+
     /// Mark a cache entry as just used.
     pub(crate) fn touch(&mut self, slot: SeqSlot) {
         let now = self.now;

@@ -22,11 +22,12 @@ impl Scheduler {
             .collect()
     }
 
-    /// A free slot and `blocks` free blocks for `requester`, evicting cache entries not
-    /// in `keep`. Floors guarantee blocks, not executor slots: when only entries of
+    /// A free slot (when `slot`) and `blocks` free blocks for `requester`, evicting cache
+    /// entries not in `keep`. Floors guarantee blocks, not executor slots: when only entries of
     /// tenants at their floor hold slots, one of them gives its slot up.
-    fn make_room(&mut self, blocks: u32, keep: &[SeqSlot], requester: u32) -> bool {
-        if self.free_slots.is_empty()
+    fn make_room(&mut self, blocks: u32, keep: &[SeqSlot], requester: u32, slot: bool) -> bool {
+        if slot
+            && self.free_slots.is_empty()
             && !self.evict_one(keep, Some(requester))
             && !self.evict_one(keep, None)
         {
@@ -35,12 +36,19 @@ impl Scheduler {
         self.ensure_free(blocks, keep, requester)
     }
 
-    /// Room to start a sequence of `known` tokens, `reused` of them from the cache: a slot,
-    /// and blocks for the uncached part under the tenant's cap and in the pool — on top of
+    /// Room to start a sequence of `known` tokens, `reused` of them from the cache: a slot
+    /// (unless it takes a cache entry's over), and blocks for the uncached part under the tenant's cap and in the pool — on top of
     /// what running sequences still need for theirs. Admitting on the first chunk alone
     /// lets several long prompts start, run the pool dry and preempt each other into
     /// endless recomputation.
-    fn room_for(&mut self, owner: u32, known: u64, reused: u64, keep: &[SeqSlot]) -> bool {
+    fn room_for(
+        &mut self,
+        owner: u32,
+        known: u64,
+        reused: u64,
+        keep: &[SeqSlot],
+        slot: bool,
+    ) -> bool {
         let own = self.blocks.blocks_for(known) - self.blocks.blocks_for(reused);
         let outstanding: u32 = self
             .running
@@ -52,7 +60,7 @@ impl Scheduler {
             })
             .sum();
         let need = own + self.cfg.watermark_blocks + outstanding;
-        self.cap_room(owner, own, keep) && self.make_room(need, keep, owner)
+        self.cap_room(owner, own, keep) && self.make_room(need, keep, owner, slot)
     }
 
     /// Grow a running sequence's block table to hold `tokens` tokens, within its tenant's
@@ -391,12 +399,14 @@ impl Scheduler {
             }
             let mut keep: Vec<SeqSlot> = adm.pinned.clone();
             keep.extend(hit.as_ref().map(|(_, s)| *s));
-            let mut room = self.room_for(owner, known, reused_of(&hit, bt), &keep);
+            let mut adopt = self.adoptable(&hit, &adm.pinned);
+            let mut room = self.room_for(owner, known, reused_of(&hit, bt), &keep, !adopt);
             if !room && hit.is_some() {
                 // The cached source itself is in the way: recompute instead of reusing.
                 hit = None;
+                adopt = false;
                 keep.clone_from(&adm.pinned);
-                room = self.room_for(owner, known, 0, &keep);
+                room = self.room_for(owner, known, 0, &keep, true);
             }
             let own = self.blocks.blocks_for(known) - self.blocks.blocks_for(reused_of(&hit, bt));
             while !room && self.within_floor(owner, own) {
@@ -416,30 +426,37 @@ impl Scheduler {
                     keep
                 });
                 self.preempt(v);
-                room = self.room_for(owner, known, reused_of(&hit, bt), &keep);
+                room = self.room_for(owner, known, reused_of(&hit, bt), &keep, !adopt);
             }
-            if self.free_slots.is_empty() || (!room && !self.running.is_empty()) {
+            if (!adopt && self.free_slots.is_empty()) || (!room && !self.running.is_empty()) {
                 break;
             }
             let reused = reused_of(&hit, bt);
-            let (Some(Waiting { req, generated, .. }), Some(slot)) =
-                (self.queue.remove(id), self.free_slots.pop())
+            let slot = match &hit {
+                Some((_, src)) if adopt => Some(*src),
+                _ => self.take_free_slot(),
+            };
+            let (Some(Waiting { req, generated, .. }), Some(slot)) = (self.queue.remove(id), slot)
             else {
                 break;
             };
             let mut blocks = Vec::new();
             if let Some((matched, src)) = hit {
-                for b in &matched {
-                    self.blocks.share(*b, slot);
+                if adopt {
+                    self.take_over(src, matched.len(), reused);
+                } else {
+                    for b in &matched {
+                        self.blocks.share(*b, slot);
+                    }
+                    adm.copies.push(PrefixCopy {
+                        from: src,
+                        to: slot,
+                        tokens: reused,
+                    });
+                    self.touch(src);
+                    adm.pinned.push(src);
                 }
                 blocks = matched;
-                adm.copies.push(PrefixCopy {
-                    from: src,
-                    to: slot,
-                    tokens: reused,
-                });
-                self.touch(src);
-                adm.pinned.push(src);
             }
             // Its uncached blocks are in flight from now on, for the requests behind it.
             in_flight.extend(
@@ -473,12 +490,17 @@ impl Scheduler {
                 None => {
                     // Not even one block: put it back and stop admitting.
                     adm.start.pop();
-                    if reused > 0 {
+                    if reused > 0 && !adopt {
                         adm.copies.pop();
                     }
                     let r = self.running.swap_remove(i);
                     for b in &r.blocks {
                         self.blocks.release(*b, r.slot);
+                    }
+                    if adopt {
+                        // The entry it took over is gone: clear the slot instead.
+                        self.trim.retain(|(s, _)| *s != r.slot);
+                        self.release.push(r.slot);
                     }
                     self.free_slots.push(r.slot);
                     self.queue

@@ -43,6 +43,11 @@ pub struct SchedConfig {
     /// KV quotas of named tenants (others have none). A cap is also the longest sequence
     /// the tenant can run: longer prompts are rejected, `max_new` is clamped to fit.
     pub kv_quotas: BTreeMap<TenantId, KvQuota>,
+    /// Each slot is its own KV stream (llama.cpp's per-sequence layout): a new sequence
+    /// whose prefix is cached in an entry takes that entry's slot over in place (trimmed
+    /// to the prefix) instead of copying the whole stream, and running sequences keep to
+    /// few consecutive slots, which the executor batches together.
+    pub adopt_cached_slots: bool,
 }
 
 impl Default for SchedConfig {
@@ -60,6 +65,7 @@ impl Default for SchedConfig {
             watermark_blocks: 4,
             target_step: Some(Nanos::from_millis(250)),
             kv_quotas: BTreeMap::new(),
+            adopt_cached_slots: false,
         }
     }
 }

@@ -35,7 +35,8 @@ pub struct PrefixCopy {
 /// 1. `release`: clear the KV of these slots (ended, preempted or evicted sequences);
 /// 2. `trim`: drop positions from `.1` on of these slots (a finished sequence kept as a
 ///    prefix-cache entry keeps only its indexed blocks);
-/// 3. `start`: prepare these slots for new sequences (clear, set up sampling);
+/// 3. `start`: set up sampling for new sequences in these slots, whose KV is empty or,
+///    for a sequence that took a cache entry's slot over, its prefix (trimmed in 2.);
 /// 4. `copies`: share cached prefixes into started slots;
 /// 5. `work`: run as one batch.
 ///

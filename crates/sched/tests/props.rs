@@ -49,6 +49,7 @@ fn config() -> SchedConfig {
         watermark_blocks: 2,
         target_step: Some(Nanos::from_millis(20)),
         kv_quotas: BTreeMap::new(),
+        adopt_cached_slots: false,
     }
 }
 
@@ -161,7 +162,21 @@ impl Harness {
             c.0 = c.0.min(*from);
         }
         for (id, s) in &plan.start {
-            self.cells.insert(*s, (0, self.tenant_of[id].clone()));
+            let tenant = self.tenant_of[id].clone();
+            match self.cells.get(s) {
+                // A cache entry's slot taken over in place: the prefix stays, in-tenant.
+                Some((held, owner)) => {
+                    assert!(
+                        self.s.config().adopt_cached_slots,
+                        "{s:?} started while still holding {held} tokens"
+                    );
+                    assert_eq!(*owner, tenant, "slot taken over across tenants");
+                    self.hits += held;
+                }
+                None => {
+                    self.cells.insert(*s, (0, tenant));
+                }
+            }
         }
         for c in &plan.copies {
             let (held, owner) = self
@@ -242,8 +257,10 @@ proptest! {
         ops in prop::collection::vec(op(), 1..200),
         tight in any::<bool>(),
         quotas in any::<bool>(),
+        adopt in any::<bool>(),
     ) {
         let mut cfg = if quotas { with_quotas(config()) } else { config() };
+        cfg.adopt_cached_slots = adopt;
         if tight {
             // No spare slots for cache entries: they must yield to new sequences.
             cfg.slots = 2;
@@ -347,6 +364,35 @@ fn shared_prefix_is_reused_within_a_tenant_only() {
     while !h.s.is_idle() {
         h.step(0);
     }
+    assert_eq!(h.hits, 96);
+    assert_eq!(h.s.stats().prefix_hit_tokens, 96);
+    assert_eq!(h.s.check_invariants(), Ok(()));
+}
+
+/// With a stream per slot, a request whose prefix sits in a cache entry starts in that
+/// entry's slot, trimmed to the prefix, with no copy; other requests take the lowest free
+/// slot, so the running ones stay consecutive.
+#[test]
+fn a_cached_prefix_is_taken_over_in_place_with_a_stream_per_slot() {
+    let mut cfg = config();
+    cfg.adopt_cached_slots = true;
+    let mut h = Harness::new(cfg);
+    h.arrive_grouped("a", Band::Standard, 150, 1, Some(7));
+    while !h.s.is_idle() {
+        h.step(0);
+    }
+    // Request 1 ran in slot 0 and stays there as a cache entry.
+    assert_eq!(h.cells.keys().copied().collect::<Vec<_>>(), [SeqSlot(0)]);
+    h.arrive_grouped("a", Band::Standard, 150, 1, Some(7));
+    h.arrive("a", Band::Standard, 40, 1);
+    h.now += 1_000_000;
+    let plan = h.s.plan(Nanos(h.now));
+    assert!(plan.copies.is_empty(), "{plan:?}");
+    assert_eq!(plan.trim, [(SeqSlot(0), 96)]);
+    let mut slots: Vec<SeqSlot> = plan.start.iter().map(|(_, s)| *s).collect();
+    slots.sort();
+    assert_eq!(slots, [SeqSlot(0), SeqSlot(1)]);
+    h.execute_kv(&plan);
     assert_eq!(h.hits, 96);
     assert_eq!(h.s.stats().prefix_hit_tokens, 96);
     assert_eq!(h.s.check_invariants(), Ok(()));

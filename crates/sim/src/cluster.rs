@@ -181,6 +181,7 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                 kv_tokens: w.kv_tokens,
                 max_seq_tokens: w.kv_tokens,
                 max_batch_tokens: cfg.engine.max_step_tokens,
+                stream_per_slot: false,
             };
             Worker {
                 sched: Scheduler::new(cfg.engine.sched_config(&cap)),
