@@ -127,7 +127,16 @@ impl Scheduler {
         // not necessarily the same block ids for earlier blocks when two sequences computed
         // the prefix at once. Share the source's own blocks: they stay held while the
         // source is pinned.
-        let source = *self.blocks.holders(last).first()?;
+        let holders = self.blocks.holders(last);
+        let source = if self.cfg.adopt_cached_slots {
+            // A cache entry can be taken over in place instead of copying a whole stream;
+            // the lowest one keeps running sequences packed at the low slots.
+            let cached = |s: &&SeqSlot| self.cached.iter().any(|c| c.slot == **s);
+            holders.iter().filter(cached).min_by_key(|s| s.0)
+        } else {
+            None
+        };
+        let source = *source.or(holders.first())?;
         let table = self
             .running
             .iter()
