@@ -23,8 +23,8 @@ impl Scheduler {
     }
 
     /// A free slot (when `slot`) and `blocks` free blocks for `requester`, evicting cache
-    /// entries not in `keep`. Floors guarantee blocks, not executor slots: when only entries of
-    /// tenants at their floor hold slots, one of them gives its slot up.
+    /// entries not in `keep`. Floors guarantee blocks, not executor slots: when only
+    /// entries of tenants at their floor hold slots, one of them gives its slot up.
     fn make_room(&mut self, blocks: u32, keep: &[SeqSlot], requester: u32, slot: bool) -> bool {
         if slot
             && self.free_slots.is_empty()
@@ -37,8 +37,9 @@ impl Scheduler {
     }
 
     /// Room to start a sequence of `known` tokens, `reused` of them from the cache: a slot
-    /// (unless it takes a cache entry's over), and blocks for the uncached part under the tenant's cap and in the pool — on top of
-    /// what running sequences still need for theirs. Admitting on the first chunk alone
+    /// (when `slot`: not for one taking a cache entry's over), and blocks for the uncached
+    /// part under the tenant's cap and in the pool — on top of what running sequences
+    /// still need for theirs. Admitting on the first chunk alone
     /// lets several long prompts start, run the pool dry and preempt each other into
     /// endless recomputation.
     fn room_for(
