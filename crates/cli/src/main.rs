@@ -85,7 +85,7 @@ pub struct ServeArgs {
     /// `linear:BASE_MS:PER_TOKEN_US[:PER_SEQ_US]` (placeholder tokens, model name `mock`).
     #[arg(long, env = "TOKENFAB_MOCK")]
     mock: Option<String>,
-    /// KV cells (tokens) shared by all sequences.
+    /// KV cells (tokens) of all sequences together.
     #[arg(long, env = "TOKENFAB_KV_TOKENS")]
     kv_tokens: Option<u32>,
     /// KV layout: `unified` (one pool) or `per-sequence` (kv-tokens / slots per slot).

@@ -74,7 +74,7 @@ async fn shared_system_prompt_is_prefilled_once_per_tenant() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn per_sequence_layout_reuses_prefixes_by_stream_copy() {
+async fn per_sequence_layout_reuses_prefixes_by_taking_cache_slots_over() {
     let mut cfg = config();
     cfg.model.kv_layout = KvLayout::PerSequence;
     cfg.model.kv_tokens = 8 * 2048;
