@@ -131,8 +131,10 @@ impl Scheduler {
         let source = if self.cfg.adopt_cached_slots {
             // A cache entry can be taken over in place instead of copying a whole stream;
             // the lowest one keeps running sequences packed at the low slots.
-            let cached = |s: &&SeqSlot| self.cached.iter().any(|c| c.slot == **s);
-            holders.iter().filter(cached).min_by_key(|s| s.0)
+            holders
+                .iter()
+                .filter(|s| self.is_cache_entry(**s))
+                .min_by_key(|s| s.0)
         } else {
             None
         };
@@ -160,9 +162,13 @@ impl Scheduler {
         pinned: &[SeqSlot],
     ) -> bool {
         self.cfg.adopt_cached_slots
-            && hit.as_ref().is_some_and(|(_, src)| {
-                !pinned.contains(src) && self.cached.iter().any(|c| c.slot == *src)
-            })
+            && hit
+                .as_ref()
+                .is_some_and(|(_, src)| !pinned.contains(src) && self.is_cache_entry(*src))
+    }
+
+    fn is_cache_entry(&self, slot: SeqSlot) -> bool {
+        self.cached.iter().any(|c| c.slot == slot)
     }
 
     /// End the cache entry in `slot` so that a new sequence starts there on its first
