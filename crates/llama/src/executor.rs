@@ -215,19 +215,24 @@ const FA_TILE_ROWS: usize = 64;
 /// step mixes decodes with prefill chunks and reaches that size, decodes (and pieces
 /// small enough to ride with them) go in one call and the prefill pieces in a second;
 /// each call then reads the weights once more, which is the cheaper cost.
+///
+/// Each call lists its entries in slot order: with one stream per slot, llama.cpp
+/// computes a run of consecutive slots in one micro-batch and starts a new one at every
+/// gap.
 fn split_calls(batch: &[BatchEntry<'_>]) -> (Vec<usize>, Vec<usize>) {
+    let by_slot = |i: &usize| batch[*i].slot.0;
     let total: usize = batch.iter().map(|e| e.tokens.len()).sum();
-    let all = (0..batch.len()).collect();
+    let mut all: Vec<usize> = (0..batch.len()).collect();
     let pieces = batch.iter().filter(|e| e.tokens.len() > 1).count();
     if total < FA_TILE_ROWS || pieces == 0 || pieces == batch.len() {
+        all.sort_unstable_by_key(by_slot);
         return (all, Vec::new());
     }
     let (mut small, mut large) = (Vec::new(), Vec::new());
     let mut small_tokens = 0;
     // Decodes first (they are why the split pays), then the shortest pieces.
-    let mut order: Vec<usize> = all;
-    order.sort_by_key(|&i| batch[i].tokens.len());
-    for i in order {
+    all.sort_by_key(|&i| batch[i].tokens.len());
+    for i in all {
         let n = batch[i].tokens.len();
         if small_tokens + n < FA_TILE_ROWS {
             small_tokens += n;
@@ -236,8 +241,8 @@ fn split_calls(batch: &[BatchEntry<'_>]) -> (Vec<usize>, Vec<usize>) {
             large.push(i);
         }
     }
-    small.sort_unstable();
-    large.sort_unstable();
+    small.sort_unstable_by_key(by_slot);
+    large.sort_unstable_by_key(by_slot);
     (small, large)
 }
 
@@ -252,11 +257,7 @@ impl LlamaExecutor {
     ) -> Result<(), ExecError> {
         self.batch.clear();
         let mut logit_rows = Vec::new();
-        // In slot order: with one stream per slot, llama.cpp computes a run of
-        // consecutive slots in one micro-batch and starts a new one at every gap.
-        let mut call = call.to_vec();
-        call.sort_unstable_by_key(|&i| batch[i].slot.0);
-        for &i in &call {
+        for &i in call {
             let e = &batch[i];
             let seq = [e.slot.0 as i32];
             let last = e.tokens.len().saturating_sub(1);
