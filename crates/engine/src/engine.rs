@@ -443,6 +443,9 @@ impl<E: Executor> Loop<E> {
             tokens = plan.tokens(),
             started = plan.start.len(),
             reused = plan.copies.iter().map(|c| c.tokens).sum::<u64>(),
+            waiting = self.sched.snapshot().waiting.iter().sum::<u32>(),
+            model = ?self.sched.step_times().prefill_coefficients().map(|(a, b)| (a * 1e3, b * 1e6)),
+            base_ms = ?self.sched.step_times().decode_time(plan.work.iter().filter(|w| w.is_decode()).count()).map(|t| t * 1e3),
             ms = elapsed.as_secs_f64() * 1e3,
             "step"
         );

@@ -214,6 +214,10 @@ impl Scheduler {
     pub fn queue(&self) -> &WaitQueue {
         &self.queue
     }
+    /// The learned step-time model (for the engine's debug log).
+    pub fn step_times(&self) -> &StepTimes {
+        &self.times
+    }
     pub fn stats(&self) -> &SchedStats {
         &self.stats
     }
@@ -397,12 +401,16 @@ impl Scheduler {
         self.now = self.now.max(now);
         let work = std::mem::take(&mut self.inflight);
         let decodes = work.iter().filter(|w| w.is_decode()).count();
-        let prefill: u64 = work
-            .iter()
-            .filter(|w| !w.is_decode())
-            .map(|w| u64::from(w.n))
-            .sum();
-        self.times.observe(decodes, prefill, result.elapsed);
+        let (prefill, attended) = (work.iter().filter(|w| !w.is_decode()))
+            .map(|w| {
+                (
+                    u64::from(w.n),
+                    crate::timing::attended(w.pos, u64::from(w.n)),
+                )
+            })
+            .fold((0, 0), |(n, a), (wn, wa)| (n + wn, a + wa));
+        self.times
+            .observe(decodes, prefill, attended, result.elapsed);
         let mut sampled = result.sampled.iter();
         let mut ended = Vec::new();
         let bt = u64::from(self.blocks.block_tokens());
