@@ -7,12 +7,19 @@ use crate::queue::Waiting;
 use crate::request::Band;
 use crate::scheduler::{Running, Scheduler};
 use crate::step::{PrefixCopy, StepPlan, Work};
-use crate::timing::MIN_PREFILL_BUDGET;
 
 /// How many target step times a step may take when no sequence decodes. Nobody waits on
 /// it but requests arriving meanwhile; chunks twice as long lose less to the per-step
 /// cost (a 3,000-token prompt prefills ~12 % faster in 256-token chunks than in 64).
 const IDLE_STEP_FACTOR: u64 = 2;
+
+/// The share of the prefill time a step gets while its prompts belong to a tenant served
+/// more than another active one.
+const CONTENDED_STEP_SHARE: f64 = 0.5;
+
+/// How far a step may run past its target time to give a waiting prompt its whole
+/// prefill, and so its first token, in this step.
+const WHOLE_STRETCH: f64 = 1.5;
 use tokenfab_types::{Nanos, RequestId, SeqSlot, Tokens};
 
 impl Scheduler {
@@ -231,7 +238,7 @@ impl Scheduler {
         // Give prefill the time the measured step times leave within the target step:
         // streams decoding get their next token on time, and with nothing decoding, a
         // request arriving mid-step waits at most IDLE_STEP_FACTOR targets for it.
-        // Until the model has seen a prefill, a step takes the floor's tokens.
+        // Until the model has seen enough steps, the token budget alone limits prefill.
         let decodes = work.len();
         let mut budget = StepBudget {
             tokens: budget,
@@ -245,11 +252,9 @@ impl Scheduler {
                 Nanos(target.0 * IDLE_STEP_FACTOR)
             };
             budget.secs = Some(self.times.prefill_secs(decodes, target));
-            budget.floor = if self.times.knows_prefill() {
-                u64::from(self.blocks.block_tokens())
-            } else {
-                MIN_PREFILL_BUDGET
-            };
+            // One block, whatever the time says: a prompt deep enough that not even that
+            // fits in the time left still moves.
+            budget.floor = u64::from(self.blocks.block_tokens());
         }
 
         // 2–5: prefill. When several tenants have prompts to compute, only the lead's
@@ -259,6 +264,16 @@ impl Scheduler {
             lead: self.prefill_lead(),
             ..Admission::default()
         };
+        // The step's prompts go to a tenant while a less-served one is active (decoding,
+        // or between requests): keep the step short, so that the quieter tenant's next
+        // request, which can only start once the step in progress ends, waits less.
+        if let (Some(lead), Some(least), Some(secs)) =
+            (adm.lead, self.active_min_counter(), &mut budget.secs)
+        {
+            if lead.counter > least {
+                *secs *= CONTENDED_STEP_SHARE;
+            }
+        }
         self.plan_prefill(&mut budget, &mut work, &mut adm);
         if adm.deferred.get() && adm.start.is_empty() && work.iter().all(Work::is_decode) {
             adm.lead = None;
@@ -289,7 +304,13 @@ impl Scheduler {
     fn plan_prefill(&mut self, budget: &mut StepBudget, work: &mut Vec<Work>, adm: &mut Admission) {
         // 2. New sequences whose whole (uncached) prompt fits the budget: short requests
         //    get their first token without waiting behind a long prefill.
-        self.admit_from_queue(budget, work, adm, Pass::Whole);
+        //    The time budget stretches by WHOLE_STRETCH here: a prompt a little too long
+        //    for the time left gets its first token in one step of up to 1.5× the target
+        //    instead of two steps at 1×.
+        let mut whole = budget.stretched(WHOLE_STRETCH);
+        let before = whole;
+        self.admit_from_queue(&mut whole, work, adm, Pass::Whole);
+        budget.spend(before, whole);
 
         // 3. New sequences with less prompt to go than the longest running prefill,
         //    chunked, in half of what is left: a chat that does not fit one step still
@@ -577,6 +598,14 @@ impl StepBudget {
         self.tokens > 0 && (self.floor > 0 || self.secs.is_none_or(|s| s > 0.0))
     }
 
+    /// What is left, with its time `by` times as long (for one admission pass).
+    fn stretched(&self, by: f64) -> StepBudget {
+        StepBudget {
+            secs: self.secs.map(|s| s * by),
+            ..*self
+        }
+    }
+
     /// Half of what is left (for one admission pass).
     fn half(&self) -> StepBudget {
         StepBudget {
@@ -618,7 +647,8 @@ struct Lead {
 }
 
 impl Scheduler {
-    /// Tokens of a prefill chunk starting at `pos` that fit what is left of `budget`.
+    /// Tokens of a prefill chunk starting at `pos` that fit what is left of `budget`
+    /// (all of `budget.tokens` until the model has seen enough steps to say).
     fn fits(&self, budget: &StepBudget, pos: u64) -> u64 {
         match budget.secs {
             None => budget.tokens,

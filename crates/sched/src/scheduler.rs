@@ -333,7 +333,7 @@ impl Scheduler {
         self.queue.contains_owner(owner) || self.running.iter().any(|r| r.owner == owner)
     }
 
-    fn active_min_counter(&self) -> Option<u64> {
+    pub(crate) fn active_min_counter(&self) -> Option<u64> {
         self.queue
             .owners()
             .chain(self.running.iter().map(|r| r.owner))

@@ -26,13 +26,13 @@ const RIDGE: [f64; 4] = [1e-1, 1e-1, 1e-3, 1e-3];
 /// size they typically have, so that one ridge suits all four.
 const UNIT: [f64; 4] = [1.0, 16.0, 256.0, 256.0 * 2048.0];
 
-/// Steps the fit must have seen before the planner trusts it for prefill; until then a
-/// step takes [`MIN_PREFILL_BUDGET`] prompt tokens.
+/// Steps the fit must have seen before the planner trusts it for prefill; until then
+/// prefill is limited by the step's token budget alone.
 const MIN_FIT_STEPS: u32 = 2;
 
 /// Prefill tokens a step always gets beside decodes at the start of a prompt, whatever
-/// the model says (and before it has seen enough steps).
-pub const MIN_PREFILL_BUDGET: u64 = 64;
+/// the model says.
+const MIN_PREFILL_BUDGET: u64 = 64;
 
 /// KV tokens that prefill rows of `n` tokens starting at position `pos` attend to, in all:
 /// row `pos + k` reads `pos + k + 1` cells.
@@ -269,11 +269,6 @@ impl StepTimes {
         self.fit
             .ready()
             .then_some((self.fit.coef[2], self.fit.coef[3]))
-    }
-
-    /// Whether the fit has seen enough steps to size prefill chunks.
-    pub fn knows_prefill(&self) -> bool {
-        self.fit.ready()
     }
 }
 
