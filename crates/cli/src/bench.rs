@@ -82,6 +82,9 @@ struct Samples {
     itl: BTreeMap<&'static str, Vec<f64>>,
     e2e: Vec<f64>,
     tokens: u64,
+    /// Completed without a single content token (the model ended at once): counted as
+    /// ok, with no first-token time.
+    empty: u64,
     errors: BTreeMap<String, u64>,
     requests: Vec<Measured>,
 }
@@ -129,6 +132,8 @@ struct Report {
     model: String,
     requests: usize,
     ok: usize,
+    /// Of those ok, how many completed with no content token (no TTFT sample).
+    empty: u64,
     errors: BTreeMap<String, u64>,
     wall_s: f64,
     out_tok_per_s: f64,
@@ -203,6 +208,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         model,
         requests,
         ok: s.e2e.len(),
+        empty: s.empty,
         errors: s.errors.clone(),
         wall_s: (wall * 100.0).round() / 100.0,
         out_tok_per_s: (s.tokens as f64 / wall * 10.0).round() / 10.0,
@@ -466,10 +472,14 @@ async fn one(
     if !done {
         return record_error(samples, "stream ended without [DONE]".into());
     }
-    let Some(first) = stamps.first() else {
-        return record_error(samples, "no tokens".into());
-    };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let Some(first) = stamps.first() else {
+        if let Ok(mut s) = samples.lock() {
+            s.empty += 1;
+            s.e2e.push(ms(end - t0));
+        }
+        return;
+    };
     if let Ok(mut s) = samples.lock() {
         s.ttft.entry(job.tag).or_default().push(ms(*first - t0));
         s.e2e.push(ms(end - t0));
@@ -539,6 +549,12 @@ fn print_table(r: &Report) {
             f(p.p50),
             f(p.p95),
             f(p.p99)
+        );
+    }
+    if r.empty > 0 {
+        println!(
+            "ok but empty (the model ended at once, no TTFT sample): {}",
+            r.empty
         );
     }
     for (e, n) in &r.errors {
