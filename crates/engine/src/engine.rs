@@ -437,15 +437,19 @@ impl<E: Executor> Loop<E> {
         let out = self.exec.run(&batch);
         let elapsed = started.elapsed();
         self.metrics.step_time.observe(elapsed.as_secs_f64());
+        let decodes = plan.work.iter().filter(|w| w.is_decode()).count();
+        let fit = self.sched.step_times().prefill_coefficients();
         tracing::debug!(
             seqs = plan.work.len(),
-            decodes = plan.work.iter().filter(|w| w.is_decode()).count(),
+            decodes,
             tokens = plan.tokens(),
             started = plan.start.len(),
             reused = plan.copies.iter().map(|c| c.tokens).sum::<u64>(),
             waiting = self.sched.snapshot().waiting.iter().sum::<u32>(),
-            model = ?self.sched.step_times().prefill_coefficients().map(|(a, b)| (a * 1e3, b * 1e6)),
-            base_ms = ?self.sched.step_times().decode_time(plan.work.iter().filter(|w| w.is_decode()).count()).map(|t| t * 1e3),
+            // The learned step-time model this plan was sized with.
+            fit_prefill_ms_per_token = ?fit.map(|(a, _)| a * 1e3),
+            fit_prefill_us_per_kv_token = ?fit.map(|(_, b)| b * 1e6),
+            fit_decodes_ms = ?self.sched.step_times().decode_time(decodes).map(|t| t * 1e3),
             ms = elapsed.as_secs_f64() * 1e3,
             "step"
         );
