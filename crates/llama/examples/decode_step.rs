@@ -5,9 +5,11 @@
 //! decode steps of one token per sequence are timed in each layout; prints the median.
 //! Uses the default model from the local cache (`tokenfab pull` fetches it).
 
+mod common;
+
 use std::time::Instant;
-use tokenfab_engine::{BatchEntry, Executor, SamplingParams};
-use tokenfab_llama::{KvLayout, LlamaExecutor, LlamaExecutorConfig, LoadedModel};
+use tokenfab_engine::{BatchEntry, Executor};
+use tokenfab_llama::KvLayout;
 use tokenfab_types::{SeqSlot, TokenId};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,23 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map_or(Ok(default), |a| a.parse().map_err(Into::into))
     };
     let (seqs, prompt, steps) = (arg(1, 16)?, arg(2, 150)?, arg(3, 40)?.max(1));
-    let home = tokenfab_llama::pull::home();
-    let pulled = tokenfab_llama::pull::pull(tokenfab_llama::pull::DEFAULT_MODEL, &home)?;
-    let model = LoadedModel::load(&pulled.path, &pulled.name)?;
-    let seq_cells = (prompt + steps + 256) as u32;
+    let model = common::default_model()?;
+    let seq_cells = prompt + steps + 256;
     for layout in [KvLayout::Unified, KvLayout::PerSequence] {
-        let cfg = LlamaExecutorConfig {
-            kv_tokens: seq_cells * seqs as u32,
-            layout,
-            slots: seqs as u32,
-            threads: 2,
-            ..LlamaExecutorConfig::default()
-        };
-        let mut exec = LlamaExecutor::new(&model, &cfg)?;
-        let greedy = SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        };
+        let (mut exec, greedy) = common::executor(&model, seq_cells * seqs, layout, seqs)?;
         let filler = |s: usize, p: usize| TokenId(((s * 7919 + p * 31) % 40_000 + 100) as i32);
         for s in 0..seqs {
             let slot = SeqSlot(s as u32);

@@ -7,9 +7,11 @@
 //! pieces starting in each quarter of the prompt, and the total.
 //! Uses the default model from the local cache (`tokenfab pull` fetches it).
 
+mod common;
+
 use std::time::Instant;
-use tokenfab_engine::{BatchEntry, Executor, SamplingParams};
-use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig, LoadedModel};
+use tokenfab_engine::{BatchEntry, Executor};
+use tokenfab_llama::KvLayout;
 use tokenfab_types::{SeqSlot, TokenId};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,20 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         vec![64, 256, 512]
     };
-    let home = tokenfab_llama::pull::home();
-    let pulled = tokenfab_llama::pull::pull(tokenfab_llama::pull::DEFAULT_MODEL, &home)?;
-    let model = LoadedModel::load(&pulled.path, &pulled.name)?;
-    let cfg = LlamaExecutorConfig {
-        kv_tokens: (prompt + 256) as u32,
-        slots: 1,
-        threads: 2,
-        ..LlamaExecutorConfig::default()
-    };
-    let mut exec = LlamaExecutor::new(&model, &cfg)?;
-    let greedy = SamplingParams {
-        temperature: 0.0,
-        ..SamplingParams::default()
-    };
+    let model = common::default_model()?;
+    let (mut exec, greedy) = common::executor(&model, prompt + 256, KvLayout::Unified, 1)?;
     let tokens: Vec<TokenId> = (0..prompt)
         .map(|p| TokenId(((p * 7919) % 40_000 + 100) as i32))
         .collect();
