@@ -8,6 +8,7 @@
 //! `Instant::now()`, it belongs in a driver instead.
 
 mod admit;
+mod budget;
 mod cache;
 mod kv;
 mod plan;

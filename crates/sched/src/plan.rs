@@ -2,6 +2,7 @@
 //! then prefill chunks of partially prefilled ones, then new sequences from the queue
 //! (reusing cached prefixes). Preempts by recomputation when KV runs out.
 
+use crate::budget::StepBudget;
 use crate::kv::BlockId;
 use crate::queue::Waiting;
 use crate::request::Band;
@@ -574,45 +575,6 @@ impl Pass {
     }
 }
 
-/// What one step can still take.
-#[derive(Clone, Copy, Debug)]
-struct StepBudget {
-    /// Tokens the step's batch can still take.
-    tokens: u64,
-    /// Predicted seconds of prefill left within the target step time, while sequences
-    /// decode under one; `None`: limited by `tokens` only.
-    secs: Option<f64>,
-    /// Prefill tokens the step gets whatever `secs` says, so that prefill always moves.
-    floor: u64,
-}
-
-impl StepBudget {
-    /// Whether any prefill may still join the step.
-    fn open(&self) -> bool {
-        self.tokens > 0 && (self.floor > 0 || self.secs.is_none_or(|s| s > 0.0))
-    }
-
-    /// Half of what is left (for one admission pass).
-    fn half(&self) -> StepBudget {
-        StepBudget {
-            tokens: self.tokens / 2,
-            secs: self.secs.map(|s| s / 2.0),
-            floor: self.floor / 2,
-        }
-    }
-
-    /// Take off what a pass spent of the part it was given (`before` → `after`). A pass
-    /// can end with more tokens than it began with (a preempted sequence's work goes back
-    /// to its budget): that comes back here too.
-    fn spend(&mut self, before: StepBudget, after: StepBudget) {
-        self.tokens = (self.tokens + after.tokens).saturating_sub(before.tokens);
-        self.floor = self.floor.saturating_sub(before.floor - after.floor);
-        if let (Some(s), Some(b), Some(a)) = (&mut self.secs, before.secs, after.secs) {
-            *s = (*s - (b - a)).max(0.0);
-        }
-    }
-}
-
 /// What admissions in one plan have decided so far.
 #[derive(Default)]
 struct Admission {
@@ -706,35 +668,5 @@ impl Scheduler {
             n: n as u32,
             sample: end == r.known,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::StepBudget;
-
-    #[test]
-    fn a_pass_spends_from_the_step_what_it_used_of_its_part() {
-        let mut step = StepBudget {
-            tokens: 400,
-            secs: Some(0.2),
-            floor: 16,
-        };
-        let mut half = step.half();
-        let before = half;
-        half.tokens -= 150;
-        half.secs = Some(0.02);
-        half.floor = 0;
-        step.spend(before, half);
-        assert_eq!(step.tokens, 250);
-        assert!(step.secs.is_some_and(|s| (s - 0.12).abs() < 1e-12));
-        assert_eq!(step.floor, 8);
-
-        // A preempted sequence's work comes back to the pass: the step gets it back.
-        let mut part = step.half();
-        let before = part;
-        part.tokens += 40;
-        step.spend(before, part);
-        assert_eq!(step.tokens, 290);
     }
 }
