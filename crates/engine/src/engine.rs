@@ -437,19 +437,18 @@ impl<E: Executor> Loop<E> {
         let out = self.exec.run(&batch);
         let elapsed = started.elapsed();
         self.metrics.step_time.observe(elapsed.as_secs_f64());
-        let decodes = plan.work.iter().filter(|w| w.is_decode()).count();
-        let fit = self.sched.step_times().prefill_coefficients();
         tracing::debug!(
             seqs = plan.work.len(),
-            decodes,
+            decodes = plan.work.iter().filter(|w| w.is_decode()).count(),
             tokens = plan.tokens(),
             started = plan.start.len(),
             reused = plan.copies.iter().map(|c| c.tokens).sum::<u64>(),
             waiting = self.sched.snapshot().waiting.iter().sum::<u32>(),
             // The learned step-time model this plan was sized with.
-            fit_prefill_ms_per_token = ?fit.map(|(a, _)| a * 1e3),
-            fit_prefill_us_per_kv_token = ?fit.map(|(_, b)| b * 1e6),
-            fit_decodes_ms = ?self.sched.step_times().decode_time(decodes).map(|t| t * 1e3),
+            // (Field values are computed only when debug logging is on.)
+            fit_prefill_ms_per_token = ?self.sched.step_times().prefill_coefficients().map(|(a, _)| a * 1e3),
+            fit_prefill_us_per_kv_token = ?self.sched.step_times().prefill_coefficients().map(|(_, b)| b * 1e6),
+            fit_decodes_ms = ?self.sched.step_times().decode_time(plan.work.iter().filter(|w| w.is_decode()).count()).map(|t| t * 1e3),
             ms = elapsed.as_secs_f64() * 1e3,
             "step"
         );

@@ -1,6 +1,8 @@
 //! What one step of the plan can still take: batch tokens and predicted seconds of
 //! prefill, spent chunk by chunk as the planner (`plan.rs`) fills the step.
 
+use crate::timing::StepTimes;
+
 /// What one step can still take.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StepBudget {
@@ -17,6 +19,27 @@ impl StepBudget {
     /// Whether any prefill may still join the step.
     pub fn open(&self) -> bool {
         self.tokens > 0 && (self.floor > 0 || self.secs.is_none_or(|s| s > 0.0))
+    }
+
+    /// Tokens of a prefill chunk starting at `pos` that fit what is left (all of
+    /// `tokens` until `times` has seen enough steps to say).
+    pub fn fits(&self, times: &StepTimes, pos: u64) -> u64 {
+        match self.secs {
+            None => self.tokens,
+            Some(secs) => {
+                let in_time = times.prefill_fit(secs, pos).unwrap_or(u64::MAX);
+                self.tokens.min(in_time.max(self.floor))
+            }
+        }
+    }
+
+    /// Take a chunk of `n` tokens starting at `pos` off what is left.
+    pub fn charge(&mut self, times: &StepTimes, pos: u64, n: u64) {
+        self.tokens -= n;
+        self.floor = self.floor.saturating_sub(n);
+        if let Some(secs) = &mut self.secs {
+            *secs = (*secs - times.prefill_time(pos, n).unwrap_or(0.0)).max(0.0);
+        }
     }
 
     /// Half of what is left (for one admission pass).

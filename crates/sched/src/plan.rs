@@ -409,7 +409,7 @@ impl Scheduler {
                 let cached = self.blocks.cached_len(&w.req.block_hashes);
                 let known = w.req.prompt.0 + w.generated.0;
                 let reused = (cached as u64 * bt64).min((known - 1) / bt64 * bt64);
-                let too_long = pass.refuses(known - reused, self.fits(&left, reused))
+                let too_long = pass.refuses(known - reused, left.fits(&self.times, reused))
                     || (pass != Pass::Any && Some((w.owner, w.req.band)) != head);
                 let capped = !self.cfg.kv_quotas.is_empty()
                     && self.owners.quota(w.owner).max_blocks.is_some_and(|cap| {
@@ -435,7 +435,7 @@ impl Scheduler {
                 hit.as_ref().map_or(0, |(b, _)| b.len() as u64) * u64::from(bt)
             };
             let bt = self.blocks.block_tokens();
-            let fits = self.fits(budget, reused_of(&hit, bt));
+            let fits = budget.fits(&self.times, reused_of(&hit, bt));
             if pass.refuses(known - reused_of(&hit, bt), fits) {
                 break;
             }
@@ -597,27 +597,6 @@ struct Lead {
 }
 
 impl Scheduler {
-    /// Tokens of a prefill chunk starting at `pos` that fit what is left of `budget`
-    /// (all of `budget.tokens` until the model has seen enough steps to say).
-    fn fits(&self, budget: &StepBudget, pos: u64) -> u64 {
-        match budget.secs {
-            None => budget.tokens,
-            Some(secs) => {
-                let in_time = self.times.prefill_fit(secs, pos).unwrap_or(u64::MAX);
-                budget.tokens.min(in_time.max(budget.floor))
-            }
-        }
-    }
-
-    /// Take a chunk of `n` tokens starting at `pos` off `budget`.
-    fn charge(&self, budget: &mut StepBudget, pos: u64, n: u64) {
-        budget.tokens -= n;
-        budget.floor = budget.floor.saturating_sub(n);
-        if let Some(secs) = &mut budget.secs {
-            *secs = (*secs - self.times.prefill_time(pos, n).unwrap_or(0.0)).max(0.0);
-        }
-    }
-
     fn prefill_chunk(
         &mut self,
         i: usize,
@@ -630,8 +609,8 @@ impl Scheduler {
             return None;
         }
         let bt = u64::from(self.blocks.block_tokens());
-        let mut n =
-            (left.min(self.fits(budget, r.computed))).min(u64::from(self.cfg.max_prefill_chunk));
+        let mut n = (left.min(budget.fits(&self.times, r.computed)))
+            .min(u64::from(self.cfg.max_prefill_chunk));
         // The tail after the last full block before the final token is always its own
         // piece. A repeat of this prompt reuses exactly those blocks and computes the same
         // tail in the same shape, so a cache hit on a repeat is bit-identical to this run.
@@ -658,7 +637,7 @@ impl Scheduler {
         if !self.reserve(i, end, pinned) {
             return None;
         }
-        self.charge(budget, self.running[i].computed, n);
+        budget.charge(&self.times, self.running[i].computed, n);
         let r = &mut self.running[i];
         r.planned = true;
         Some(Work {
