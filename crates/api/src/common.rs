@@ -33,6 +33,10 @@ pub struct SamplingFields {
     pub top_p: Option<f32>,
     /// Not in OpenAI's API; accepted as vLLM and llama.cpp do.
     pub top_k: Option<i64>,
+    /// Not in OpenAI's API; accepted as vLLM and llama.cpp do: generate `max_tokens`
+    /// tokens, past end-of-sequence (for benchmarks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
     pub seed: Option<i64>,
     pub stop: Option<StopSpec>,
     pub n: Option<u32>,

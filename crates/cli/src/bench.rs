@@ -50,6 +50,10 @@ pub struct BenchArgs {
     headers: Vec<String>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Ask the server to generate exactly `--max-tokens` tokens, past end-of-sequence
+    /// (`ignore_eos`, as vLLM and llama.cpp accept it), so throughput compares equal work.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Replay a request trace (Azure CSV, Mooncake or ShareGPT JSONL) at its own arrival
     /// times instead of generating requests: prompts are built from the trace's prefix
     /// blocks (equal block ids → equal text, so shared prefixes stay shared), one word
@@ -334,12 +338,17 @@ fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
             let long = a.mix_long > 0 && i % 4 == 0;
             let n = if long { a.mix_long } else { a.prompt_tokens };
             messages.push(serde_json::json!({"role": "user", "content": words(n, &mut rng)}));
+            let mut body = serde_json::json!({
+                "model": model, "messages": messages, "max_tokens": a.max_tokens,
+                "temperature": a.temperature, "stream": true,
+                "stream_options": {"include_usage": true},
+            });
+            if a.ignore_eos {
+                body["ignore_eos"] = true.into();
+            }
             Job {
                 index: i,
-                body: serde_json::json!({
-                    "model": model, "messages": messages, "max_tokens": a.max_tokens,
-                    "temperature": a.temperature, "stream": true,
-                }),
+                body,
                 tag: if long { "long" } else { "chat" },
                 at: None,
             }
@@ -485,11 +494,11 @@ async fn one(
         s.e2e.push(ms(end - t0));
         let itl = s.itl.entry(job.tag).or_default();
         itl.extend(stamps.windows(2).map(|w| ms(w[1] - w[0])));
-        s.tokens += stamps.len() as u64;
-        let last = stamps.last().copied().unwrap_or(*first);
         // Per token, as the server counted them (a streamed piece can carry several, or
         // a token none until its text is complete); else per piece.
         let tokens = usage.1.unwrap_or(stamps.len() as u64);
+        s.tokens += tokens;
+        let last = stamps.last().copied().unwrap_or(*first);
         s.requests.push(Measured {
             index: job.index,
             ttft_ms: ms(*first - t0),

@@ -186,6 +186,30 @@ async fn max_completion_tokens_bounds_the_output() {
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 }
 
+/// `ignore_eos` (vLLM's and llama.cpp's extension, for benchmarks): the same greedy
+/// request that ends on its own well before `max_tokens` runs to `max_tokens`.
+#[tokio::test(flavor = "multi_thread")]
+async fn ignore_eos_generates_all_max_tokens() {
+    let url = serve(config()).await;
+    let ask = |ignore_eos: Option<serde_json::Value>| {
+        let mut params = json!({"max_tokens": 48, "temperature": 0});
+        if let Some(flag) = ignore_eos {
+            params["ignore_eos"] = flag;
+        }
+        chat_body("Reply with just the word yes.", params)
+    };
+    let (_, v) = post(&url, "/v1/chat/completions", &ask(None)).await;
+    let natural = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert!(natural < 48, "{v}");
+    let (_, v) = post(&url, "/v1/chat/completions", &ask(Some(json!(true)))).await;
+    assert_eq!(v["usage"]["completion_tokens"].as_u64(), Some(48), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let (status, v) = post(&url, "/v1/chat/completions", &ask(Some(json!("yes")))).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_share_decode_steps() {
     let url = serve(config()).await;

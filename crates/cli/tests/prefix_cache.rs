@@ -1,6 +1,7 @@
 //! Prefix reuse on the real engine, in both KV layouts: a shared system prompt is
 //! prefilled once per tenant, reuse is exact (bit-identical logits to a cold run computed
-//! in the same pieces), and it never crosses tenants.
+//! in the same pieces), and it never crosses tenants. Also: the KV cells cost memory only
+//! once written.
 
 mod common;
 
@@ -192,4 +193,43 @@ fn reuse_is_bit_exact(layout: KvLayout) {
     assert_eq!(differing, 0, "cache reuse changed {differing} logits");
     // Sanity: a one-piece cold prefill is a different batch shape and may differ; that is
     // llama.cpp's numerics, not reuse, and is why the comparison above uses equal pieces.
+}
+
+fn resident_mb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS");
+    kb / 1024
+}
+
+/// llama-server's shape (131,072 cells, one stream per slot) is ~2.9 GB of f16 KV for
+/// this model, which llama.cpp zero-fills at context creation; the executor hands those
+/// pages back, so creating the context leaves the process far below that, and a
+/// sequence still decodes in it. (Other tests of this binary run meanwhile, so the bound
+/// is loose: their contexts are a few hundred MB at most.)
+#[test]
+fn a_large_per_sequence_kv_is_not_resident_until_written() {
+    let m = model();
+    let before = resident_mb();
+    let cfg = LlamaExecutorConfig {
+        kv_tokens: 131_072,
+        layout: KvLayout::PerSequence,
+        slots: 32,
+        threads: 2,
+        ..LlamaExecutorConfig::default()
+    };
+    let mut exec = LlamaExecutor::new(&m, &cfg).expect("executor");
+    let grown = resident_mb().saturating_sub(before);
+    assert!(grown < 1024, "context creation left {grown} MB resident");
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    exec.begin(SeqSlot(3), &greedy);
+    let p = prompt(&m, "Which ferry leaves first?");
+    let logits = last_logits(&mut exec, SeqSlot(3), 0, &p[..64]);
+    assert!(logits.iter().all(|x| x.is_finite()));
 }

@@ -472,10 +472,12 @@ impl<E: Executor> Loop<E> {
         let mut sampled = sampled.into_iter();
         for w in plan.work.iter().filter(|w| w.sample) {
             let Some(s) = sampled.next() else { break };
-            result.sampled.push((w.id, s.eog));
             let Some(a) = self.active.get_mut(&w.id) else {
+                result.sampled.push((w.id, s.eog));
                 continue;
             };
+            let eog = s.eog && !a.sampling.ignore_eos;
+            result.sampled.push((w.id, eog));
             match a.last_token {
                 None => self.metrics.ttft.observe((now_i - a.arrived).as_secs_f64()),
                 Some(t) => self.metrics.itl.observe((now_i - t).as_secs_f64()),
@@ -483,7 +485,7 @@ impl<E: Executor> Loop<E> {
             a.first_token.get_or_insert(now_i);
             a.last_token = Some(now_i);
             a.tokens.push(s.token);
-            if !s.eog && a.tx.send(Event::Token(s.token)).is_ok() {
+            if !eog && a.tx.send(Event::Token(s.token)).is_ok() {
                 self.metrics.delivered_tokens.inc();
             }
         }

@@ -10,6 +10,10 @@ pub struct SamplingParams {
     pub top_k: u32,
     /// Seed of the sequence's random source; the engine picks one when the client did not.
     pub seed: u64,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` (vLLM's and
+    /// llama.cpp's `ignore_eos`): benchmarks use it so every server generates the same
+    /// number of tokens.
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -19,6 +23,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            ignore_eos: false,
         }
     }
 }

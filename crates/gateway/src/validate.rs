@@ -117,6 +117,7 @@ fn sampling(f: &SamplingFields) -> Result<Spec, ApiError> {
             top_p,
             top_k: top_k as u32,
             seed: 0,
+            ignore_eos: f.ignore_eos.unwrap_or(false),
         },
         seed: f.seed.map(|s| s as u64),
         stop,

@@ -2,6 +2,7 @@
 //! [`KvLayout`]; each step is one or two `llama_decode` calls over every sequence's tokens
 //! (see [`split_calls`]).
 
+use crate::lazy_kv::{created_lazily, KvPages};
 use crate::model::{backend, LoadedModel, ModelError};
 use crate::sample::Sampler;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -103,12 +104,27 @@ impl LlamaExecutor {
             .with_kv_unified(cfg.layout == KvLayout::Unified)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let ctx = raw
-            .new_context(backend, params)
-            .map_err(|e| ModelError::Load {
-                path: model.name().to_owned(),
-                reason: format!("context: {e}"),
-            })?;
+        let (ctx, kv_pages) = created_lazily(
+            || raw.new_context(backend, params),
+            |ctx| match ctx {
+                Ok(ctx) => kv_buffer_bytes(raw, ctx.n_ctx()),
+                Err(_) => 0,
+            },
+        );
+        let ctx = ctx.map_err(|e| ModelError::Load {
+            path: model.name().to_owned(),
+            reason: format!("context: {e}"),
+        })?;
+        match kv_pages {
+            KvPages::Released(bytes) => tracing::debug!(
+                mib = bytes >> 20,
+                "KV buffer's zero pages returned to the kernel; they come back as cells fill"
+            ),
+            other => tracing::info!(
+                ?other,
+                "KV buffer stays resident: llama.cpp's zero-filled buffer was not identified"
+            ),
+        }
         let kv = u64::from(ctx.n_ctx());
         let slots = cfg.slots.max(1);
         let seq_cells = match cfg.layout {
@@ -138,6 +154,16 @@ impl LlamaExecutor {
     pub fn logits(&self, i: i32) -> &[f32] {
         self.ctx.get_logits_ith(i)
     }
+}
+
+/// Bytes of llama.cpp's KV buffer for `cells` cells: K and V in f16 (the context's
+/// default types), `n_head_kv` heads of `n_embd / n_head` each, in every layer. Models
+/// whose layers differ (sliding-window caches, other head sizes) do not match it, and
+/// then their buffer simply stays resident.
+fn kv_buffer_bytes(model: &llama_cpp_2::model::LlamaModel, cells: u32) -> usize {
+    let head_dim = (model.n_embd().max(0) as usize) / (model.n_head().max(1) as usize);
+    let per_cell = 2 * 2 * head_dim * model.n_head_kv() as usize * model.n_layer() as usize;
+    per_cell * cells as usize
 }
 
 impl Executor for LlamaExecutor {

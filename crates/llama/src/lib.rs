@@ -7,6 +7,7 @@
 //! must not know about HTTP, tenants or scheduling policy.
 
 mod executor;
+mod lazy_kv;
 mod model;
 pub mod pull;
 mod sample;
