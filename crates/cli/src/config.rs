@@ -182,11 +182,15 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             name: tokenfab_llama::pull::DEFAULT_MODEL.into(),
-            // 6,144 cells (~135 MB of f16 KV for SmolLM2-135M) keep an idle server under
-            // 300 MB resident; raise it for more prefix cache and longer batches.
-            kv_tokens: 6144,
-            kv_layout: tokenfab_llama::KvLayout::Unified,
-            slots: 64,
+            // llama-server's shape (`-c 131072 -np 16`, plus 16 slots for prefix-cache
+            // entries): 4,096 cells per sequence, decode at the kernels' rate. The 2.9 GB
+            // of f16 KV (SmolLM2-135M) is address space: its zero pages go back to the
+            // kernel after startup (~140 MB resident idle), and a page costs memory once a
+            // sequence writes it. Startup touches it all once: lower `kv_tokens` where
+            // memory is that tight.
+            kv_tokens: 131_072,
+            kv_layout: tokenfab_llama::KvLayout::PerSequence,
+            slots: 32,
             ubatch_tokens: 256,
             threads: 0,
             mock: String::new(),

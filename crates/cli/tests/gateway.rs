@@ -703,6 +703,7 @@ async fn an_unreachable_ttft_target_is_refused_up_front() {
 async fn a_tenant_kv_cap_refuses_long_prompts_and_clamps_output() {
     let mut cfg = config();
     cfg.model.mock = "instant".into();
+    cfg.model.kv_tokens = 4096;
     // 4096 KV tokens in 256 blocks; 5 % is 12 blocks: 192 tokens (mock: one per byte).
     cfg.scheduler.tenants.insert(
         "local".into(),

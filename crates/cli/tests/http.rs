@@ -244,7 +244,7 @@ async fn client_disconnect_cancels_and_frees_kv() {
     let url = serve(config()).await;
     let body = chat_body(
         "Write a very long essay about ships.",
-        json!({"max_tokens": 3000, "temperature": 0.7, "stream": true}),
+        json!({"max_tokens": 1500, "temperature": 0.7, "stream": true}),
     );
     let resp = client()
         .post(format!("{url}/v1/chat/completions"))

@@ -21,7 +21,8 @@ async fn start(dir: &Path, port: u16, completion_price: f64, extra: &[&str]) -> 
     .expect("write config");
     let port_s = port.to_string();
     let config = config.display().to_string();
-    let mut args = vec!["serve", "--port", &port_s, "--kv-tokens", "2048"];
+    // 1,024 cells per sequence: 8 slots of the default per-sequence layout.
+    let mut args = vec!["serve", "--port", &port_s, "--kv-tokens", "8192"];
     args.extend(["--slots", "8", "--threads", "1", "--admin-key", ADMIN]);
     args.extend(["--config", &config]);
     args.extend(extra);

@@ -22,7 +22,8 @@ pub fn model() -> Arc<LoadedModel> {
 /// A small config for tests: little KV, two kernel threads.
 pub fn config() -> Config {
     let mut c = Config::default();
-    c.model.kv_tokens = 4096;
+    // 2,048 cells per sequence in the default per-sequence layout.
+    c.model.kv_tokens = 8 * 2048;
     c.model.slots = 8;
     c.model.threads = 2;
     // Each test server gets its own throwaway ledger; never the user's SQLite file.
