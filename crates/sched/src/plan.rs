@@ -264,11 +264,12 @@ impl Scheduler {
             let target = if decodes == 0 {
                 Nanos(target.0 * IDLE_STEP_FACTOR)
             } else if contended {
-                Nanos((target.0 as f64 * CONTENDED_STEP_SHARE) as u64)
+                target
             } else {
                 Nanos((target.0 as f64 * self.fill_stretch(decodes)) as u64)
             };
-            budget.secs = Some(self.times.prefill_secs(decodes, target));
+            let share = if contended { CONTENDED_STEP_SHARE } else { 1.0 };
+            budget.secs = Some(self.times.prefill_secs(decodes, target) * share);
             // One block, whatever the time says: a prompt deep enough that not even that
             // fits in the time left still moves.
             budget.floor = u64::from(self.blocks.block_tokens());
