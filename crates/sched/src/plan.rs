@@ -301,15 +301,16 @@ impl Scheduler {
     }
 
     /// How many target step times a step with `decodes` streams decoding may take, so
-    /// that short prompts (at most one chunk: waiting, or started and part-computed) join
-    /// the decode batch in one step rather than one per step: `(decodes + short prompts
-    /// the batch has room for) / decodes`, at most [`MAX_FILL_STRETCH`]. A step reads
-    /// all the weights once whatever it holds, so while the batch decodes fewer streams
-    /// than it could, every step runs below the kernels' throughput: in a closed loop of
-    /// 16 clients whose requests end together, starting their successors one per step
-    /// cost ~15 % of output tokens/s (`tokenfab bench --concurrency 16`). The decoding
+    /// that short waiting prompts (at most one chunk long) join the decode batch in one
+    /// step rather than one per step: `(decodes + short waiting prompts the batch has
+    /// room for) / decodes`, at most [`MAX_FILL_STRETCH`]. A step reads all the weights
+    /// once whatever it holds, so while the batch decodes fewer streams than it could,
+    /// every step runs below the kernels' throughput: in a closed loop of 16 clients
+    /// whose requests end together, starting their successors one per step cost ~10 % of
+    /// output tokens/s (`tokenfab bench --concurrency 16 --ignore-eos`). The decoding
     /// streams pay one longer gap between tokens, once per such wave. Long prompts do not
-    /// count, so a 3,000-token prompt's chunks still keep to the target beside chats.
+    /// count, so a 3,000-token prompt's chunks still keep to the target beside chats, and
+    /// neither do started prompts (counting them doubled the shared-prefix TTFT P50).
     fn fill_stretch(&self, decodes: usize) -> f64 {
         let short = u64::from(self.cfg.max_prefill_chunk);
         let room = (self.cfg.max_running as usize).saturating_sub(self.running.len());
