@@ -120,10 +120,7 @@ impl LlamaExecutor {
                 mib = bytes >> 20,
                 "KV buffer's zero pages returned to the kernel; they come back as cells fill"
             ),
-            other => tracing::info!(
-                ?other,
-                "KV buffer stays resident: llama.cpp's zero-filled buffer was not identified"
-            ),
+            other => tracing::info!(reason = ?other, "KV buffer stays resident"),
         }
         let kv = u64::from(ctx.n_ctx());
         let slots = cfg.slots.max(1);

@@ -86,6 +86,8 @@ pub enum KvPages {
     NotFound,
     /// The buffer held something other than zeros: left resident.
     NotZero,
+    /// `madvise` refused (this errno): left resident.
+    Refused(i32),
 }
 
 /// Run `create`, which creates a llama.cpp context, on this thread; then release the
@@ -139,7 +141,7 @@ unsafe fn release_zero_pages(start: *mut u8, len: usize) -> KvPages {
     if rc == 0 {
         KvPages::Released(end - first)
     } else {
-        KvPages::NotFound
+        KvPages::Refused(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
     }
 }
 
