@@ -25,11 +25,32 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, ModelError> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
+            refuse_amx_build()?;
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
             LlamaBackend::init().map_err(|e| e.to_string())
         })
         .as_ref()
         .map_err(|e| ModelError::Backend(e.clone()))
+}
+
+/// A ggml compiled with its AMX kernels would put quantized weights in the AMX buffer
+/// type on this CPU, and that matmul dies of SIGILL on its first request (ARCHITECTURE.md,
+/// build notes). `.cargo/config.toml` builds without them; a target directory built
+/// before that keeps the old llama.cpp, because its build script does not rerun when
+/// compiler flags change. Refuse to start then, saying how to rebuild, rather than crash.
+fn refuse_amx_build() -> Result<(), String> {
+    // SAFETY: reads a constant of ggml's build (`#if defined(__AMX_INT8__)`); no state.
+    #[allow(unsafe_code)]
+    let amx = unsafe { llama_cpp_sys_2::ggml_cpu_has_amx_int8() } != 0;
+    if amx {
+        return Err(
+            "this llama.cpp was built with ggml's AMX kernels, which crash on the \
+                    first request; rebuild it without them: `cargo clean -p llama-cpp-sys-2` \
+                    (and `--release`), then build again"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// A model's weights and vocabulary. Loaded once and kept for the life of the process
@@ -112,5 +133,14 @@ impl Tokenizer for LoadedModel {
 
     fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String> {
         self.template.render(turns).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn this_build_of_ggml_has_no_amx_kernels() {
+        // On a CPU with AMX this fails unless `.cargo/config.toml`'s flags reached CMake.
+        assert_eq!(super::refuse_amx_build(), Ok(()));
     }
 }
