@@ -129,16 +129,21 @@ impl Scheduler {
         // source is pinned.
         let holders = self.blocks.holders(last);
         let source = if self.cfg.adopt_cached_slots {
-            // A cache entry can be taken over in place instead of copying a whole stream;
-            // the lowest one keeps running sequences packed at the low slots.
+            // A cache entry can be taken over in place instead of copying a whole stream:
+            // the one that loses the fewest blocks past the match, then the lowest (it
+            // keeps running sequences packed at the low slots).
             holders
                 .iter()
-                .filter(|s| self.is_cache_entry(**s))
-                .min_by_key(|s| s.0)
+                .filter_map(|s| {
+                    let c = self.cached.iter().find(|c| c.slot == *s)?;
+                    Some((c.blocks.len(), s.0, *s))
+                })
+                .min()
+                .map(|(_, _, s)| s)
         } else {
             None
         };
-        let source = *source.or(holders.first())?;
+        let source = source.or(holders.first().copied())?;
         let table = self
             .running
             .iter()
@@ -156,19 +161,27 @@ impl Scheduler {
     /// Whether a new sequence with prefix `hit` takes the source's slot over in place
     /// ([`SchedConfig::adopt_cached_slots`](crate::SchedConfig)): the source must be a
     /// cache entry that no earlier admission of this plan copies from.
+    ///
+    /// Taking an entry over drops its blocks past the match, so it is done only when the
+    /// match is at least half of the entry (llama-server's slot-similarity rule), or when
+    /// no slot is free and one would have to be emptied anyway. Otherwise the new
+    /// sequence copies the prefix into a free slot and the entry stays whole: at one
+    /// request at a time, every request sharing only the system prompt's first block took
+    /// the single entry over, so the cache never held more than the last prompt and a
+    /// repeated or continued conversation was computed again from its second block.
     pub(crate) fn adoptable(
         &self,
         hit: &Option<(Vec<BlockId>, SeqSlot)>,
         pinned: &[SeqSlot],
     ) -> bool {
         self.cfg.adopt_cached_slots
-            && hit
-                .as_ref()
-                .is_some_and(|(_, src)| !pinned.contains(src) && self.is_cache_entry(*src))
-    }
-
-    fn is_cache_entry(&self, slot: SeqSlot) -> bool {
-        self.cached.iter().any(|c| c.slot == slot)
+            && hit.as_ref().is_some_and(|(matched, src)| {
+                !pinned.contains(src)
+                    && self.cached.iter().any(|c| {
+                        c.slot == *src
+                            && (c.blocks.len() <= 2 * matched.len() || self.free_slots.is_empty())
+                    })
+            })
     }
 
     /// End the cache entry in `slot` so that a new sequence starts there on its first

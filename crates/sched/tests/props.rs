@@ -398,6 +398,32 @@ fn a_cached_prefix_is_taken_over_in_place_with_a_stream_per_slot() {
     assert_eq!(h.s.check_invariants(), Ok(()));
 }
 
+/// An entry sharing only a short prefix with a new request is not taken over while a
+/// slot is free: the request copies the prefix into a free slot and the entry keeps its
+/// whole prompt (taking it over would have dropped two thirds of it).
+#[test]
+fn a_mostly_different_cache_entry_is_copied_from_not_taken_over() {
+    let mut cfg = config();
+    cfg.adopt_cached_slots = true;
+    let mut h = Harness::new(cfg);
+    h.arrive_grouped("a", Band::Standard, 300, 1, Some(7));
+    while !h.s.is_idle() {
+        h.step(0);
+    }
+    assert_eq!(h.cells.keys().copied().collect::<Vec<_>>(), [SeqSlot(0)]);
+    h.arrive_grouped("a", Band::Standard, 300, 1, Some(7));
+    h.now += 1_000_000;
+    let plan = h.s.plan(Nanos(h.now));
+    assert!(plan.trim.is_empty(), "{plan:?}");
+    assert_eq!(plan.copies.len(), 1, "{plan:?}");
+    let copy = &plan.copies[0];
+    assert_eq!((copy.from, copy.tokens), (SeqSlot(0), 96));
+    assert_ne!(copy.to, SeqSlot(0));
+    h.execute_kv(&plan);
+    assert_eq!(h.hits, 96);
+    assert_eq!(h.s.check_invariants(), Ok(()));
+}
+
 /// A tenant that fills the running batch gives up a place as soon as another tenant of
 /// the same band waits: the newcomer's first token does not wait for the hog's requests
 /// to finish. And a higher band takes a place from a lower one the same way.
