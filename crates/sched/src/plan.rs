@@ -531,8 +531,6 @@ impl Scheduler {
                     .skip((reused / u64::from(bt)) as usize)
                     .copied(),
             );
-            self.stats.prefix_query_tokens += req.prompt.0;
-            self.stats.prefix_hit_tokens += reused;
             adm.start.push((id, slot));
             self.running.push(Running {
                 owner,
@@ -552,7 +550,13 @@ impl Scheduler {
             });
             let i = self.running.len() - 1;
             match self.prefill_chunk(i, budget, &adm.pinned) {
-                Some(w) => work.push(w),
+                Some(w) => {
+                    // Counted once it is really started: a start undone below looks the
+                    // prompt up again when it is admitted later.
+                    self.stats.prefix_query_tokens += self.running[i].req.prompt.0;
+                    self.stats.prefix_hit_tokens += reused;
+                    work.push(w);
+                }
                 None => {
                     // Not even one block: put it back and stop admitting.
                     adm.start.pop();

@@ -284,6 +284,9 @@ proptest! {
                 }
             }
             prop_assert_eq!(h.s.check_invariants(), Ok(()));
+            // The prefix-hit counter (vllm:prefix_cache_hits_total) counts the reuse of
+            // starts that reached the executor, not of starts the planner undid.
+            prop_assert_eq!(h.s.stats().prefix_hit_tokens, h.hits);
             if let Some(cap) = h.s.config().kv_quotas.get(&TenantId("t0".into())).and_then(|q| q.max_blocks) {
                 let held = h.s.kv_blocks_of(&TenantId("t0".into()));
                 prop_assert!(held <= cap, "t0 holds {} blocks over its cap {}", held, cap);
