@@ -372,21 +372,28 @@ fn shared_prefix_is_reused_within_a_tenant_only() {
     assert_eq!(h.s.check_invariants(), Ok(()));
 }
 
+/// With a stream per slot: one request of `prompt` tokens (prefix group 7, whose prompts
+/// share their first 100 tokens) runs to the end and stays in slot 0 as a cache entry;
+/// then a second request of the group, as long, arrives.
+fn one_cache_entry_then_its_group(prompt: u64) -> Harness {
+    let mut cfg = config();
+    cfg.adopt_cached_slots = true;
+    let mut h = Harness::new(cfg);
+    h.arrive_grouped("a", Band::Standard, prompt, 1, Some(7));
+    while !h.s.is_idle() {
+        h.step(0);
+    }
+    assert_eq!(h.cells.keys().copied().collect::<Vec<_>>(), [SeqSlot(0)]);
+    h.arrive_grouped("a", Band::Standard, prompt, 1, Some(7));
+    h
+}
+
 /// With a stream per slot, a request whose prefix sits in a cache entry starts in that
 /// entry's slot, trimmed to the prefix, with no copy; other requests take the lowest free
 /// slot, so the running ones stay consecutive.
 #[test]
 fn a_cached_prefix_is_taken_over_in_place_with_a_stream_per_slot() {
-    let mut cfg = config();
-    cfg.adopt_cached_slots = true;
-    let mut h = Harness::new(cfg);
-    h.arrive_grouped("a", Band::Standard, 150, 1, Some(7));
-    while !h.s.is_idle() {
-        h.step(0);
-    }
-    // Request 1 ran in slot 0 and stays there as a cache entry.
-    assert_eq!(h.cells.keys().copied().collect::<Vec<_>>(), [SeqSlot(0)]);
-    h.arrive_grouped("a", Band::Standard, 150, 1, Some(7));
+    let mut h = one_cache_entry_then_its_group(150);
     h.arrive("a", Band::Standard, 40, 1);
     h.now += 1_000_000;
     let plan = h.s.plan(Nanos(h.now));
@@ -406,15 +413,7 @@ fn a_cached_prefix_is_taken_over_in_place_with_a_stream_per_slot() {
 /// whole prompt (taking it over would have dropped two thirds of it).
 #[test]
 fn a_mostly_different_cache_entry_is_copied_from_not_taken_over() {
-    let mut cfg = config();
-    cfg.adopt_cached_slots = true;
-    let mut h = Harness::new(cfg);
-    h.arrive_grouped("a", Band::Standard, 300, 1, Some(7));
-    while !h.s.is_idle() {
-        h.step(0);
-    }
-    assert_eq!(h.cells.keys().copied().collect::<Vec<_>>(), [SeqSlot(0)]);
-    h.arrive_grouped("a", Band::Standard, 300, 1, Some(7));
+    let mut h = one_cache_entry_then_its_group(300);
     h.now += 1_000_000;
     let plan = h.s.plan(Nanos(h.now));
     assert!(plan.trim.is_empty(), "{plan:?}");
