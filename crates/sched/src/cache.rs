@@ -134,10 +134,7 @@ impl Scheduler {
             // keeps running sequences packed at the low slots).
             holders
                 .iter()
-                .filter_map(|s| {
-                    let c = self.cached.iter().find(|c| c.slot == *s)?;
-                    Some((c.blocks.len(), s.0, *s))
-                })
+                .filter_map(|s| Some((self.cache_entry(*s)?.blocks.len(), s.0, *s)))
                 .min()
                 .map(|(_, _, s)| s)
         } else {
@@ -149,12 +146,7 @@ impl Scheduler {
             .iter()
             .find(|r| r.slot == source)
             .map(|r| &r.blocks)
-            .or_else(|| {
-                self.cached
-                    .iter()
-                    .find(|c| c.slot == source)
-                    .map(|c| &c.blocks)
-            })?;
+            .or_else(|| self.cache_entry(source).map(|c| &c.blocks))?;
         Some((table.get(..k)?.to_vec(), source))
     }
 
@@ -177,11 +169,15 @@ impl Scheduler {
         self.cfg.adopt_cached_slots
             && hit.as_ref().is_some_and(|(matched, src)| {
                 !pinned.contains(src)
-                    && self.cached.iter().any(|c| {
-                        c.slot == *src
-                            && (c.blocks.len() <= 2 * matched.len() || self.free_slots.is_empty())
+                    && self.cache_entry(*src).is_some_and(|c| {
+                        c.blocks.len() <= 2 * matched.len() || self.free_slots.is_empty()
                     })
             })
+    }
+
+    /// The cache entry holding `slot`, if that slot is one.
+    fn cache_entry(&self, slot: SeqSlot) -> Option<&CachedSeq> {
+        self.cached.iter().find(|c| c.slot == slot)
     }
 
     /// End the cache entry in `slot` so that a new sequence starts there on its first
