@@ -81,6 +81,9 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
             ..LlamaExecutorConfig::default()
         },
     )?;
+    // Written into the profile, so that the simulator cuts prompts as this engine's
+    // scheduler does.
+    let fast_prefill_rows = exec.capacity().fast_prefill_rows;
     let repeats = a.repeats.max(1);
     let mut points = Vec::new();
     eprintln!("measuring {} ({repeats} runs per shape)", pulled.name);
@@ -151,6 +154,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         kv_tokens: u64::from(a.kv_tokens.unwrap_or(serve_defaults.kv_tokens)),
         slots: a.slots.unwrap_or(serve_defaults.slots),
         usd_per_hour: a.usd_per_hour,
+        fast_prefill_rows,
     };
     let fitted = entry.accelerator().profile;
     println!(
@@ -413,6 +417,7 @@ mod tests {
             kv_tokens: 1024,
             slots: 8,
             usd_per_hour: 0.1,
+            fast_prefill_rows: 64,
         };
         write_entry(&path, "cpu:a", &entry(1.0)).expect("write");
         write_entry(&path, "cpu:b", &entry(2.0)).expect("write");

@@ -104,6 +104,7 @@ async fn build_mock(cfg: &Config) -> anyhow::Result<App> {
         max_seq_tokens: u64::from(cfg.model.kv_tokens),
         max_batch_tokens: cfg.scheduler.max_step_tokens,
         stream_per_slot: false,
+        fast_prefill_rows: 1,
     };
     let engine = Engine::spawn(cfg.engine()?, engine_metrics, move || {
         Ok(ModelExecutor::new(spec, capacity))

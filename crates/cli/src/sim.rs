@@ -107,6 +107,7 @@ pub fn parse_workers(spec: &str) -> anyhow::Result<Vec<SimWorker>> {
                 kv_tokens: a.kv_tokens,
                 slots: a.slots,
                 usd_per_hour: a.usd_per_hour,
+                fast_prefill_rows: a.fast_prefill_rows,
             },
             None => SimWorker {
                 kind: name.to_owned(),
@@ -114,6 +115,7 @@ pub fn parse_workers(spec: &str) -> anyhow::Result<Vec<SimWorker>> {
                 kv_tokens: 262_144,
                 slots: 128,
                 usd_per_hour: 0.0,
+                fast_prefill_rows: 1,
             },
         };
         out.extend(std::iter::repeat_n(w, count));

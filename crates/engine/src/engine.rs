@@ -90,6 +90,7 @@ impl EngineConfig {
                 })
                 .collect(),
             adopt_cached_slots: cap.stream_per_slot,
+            min_prefill_piece: cap.fast_prefill_rows.clamp(1, cap.max_batch_tokens.max(1)),
         }
     }
 }

@@ -42,6 +42,10 @@ pub struct ExecutorCapacity {
     /// Each slot is a separate KV stream: a prefix copy moves a whole stream, and only
     /// consecutive slots share a kernel micro-batch (see `SchedConfig::adopt_cached_slots`).
     pub stream_per_slot: bool,
+    /// Fewest rows one sequence's prefill piece needs to take the kernels' fast path
+    /// (1: the kernels have no such threshold). The scheduler never cuts a prompt into
+    /// pieces shorter than this but its last (`SchedConfig::min_prefill_piece`).
+    pub fast_prefill_rows: u32,
 }
 
 /// One sequence's part of a batch: `tokens` at positions `pos..pos + tokens.len()`.

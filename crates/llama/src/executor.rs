@@ -135,6 +135,7 @@ impl LlamaExecutor {
             max_seq_tokens: seq_cells.min(u64::from(raw.n_ctx_train())),
             max_batch_tokens: ctx.n_batch(),
             stream_per_slot: cfg.layout == KvLayout::PerSequence,
+            fast_prefill_rows: FA_TILE_ROWS as u32,
         };
         Ok(LlamaExecutor {
             batch: LlamaBatch::new(ctx.n_batch() as usize, 1),

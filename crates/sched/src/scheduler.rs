@@ -30,6 +30,12 @@ pub struct SchedConfig {
     pub max_step_tokens: u32,
     /// Largest prefill chunk of one sequence in one step.
     pub max_prefill_chunk: u32,
+    /// Fewest rows a prefill piece of one sequence needs for the executor's fast kernel
+    /// path (`ExecutorCapacity::fast_prefill_rows`; 1: no such threshold). A piece that
+    /// does not end its prompt is never cut shorter than this, whatever the step's time
+    /// target leaves: below it every row costs more, so a shorter piece buys the streams
+    /// beside it little time and the prompt much.
+    pub min_prefill_piece: u32,
     /// Bounded queue: requests and prompt tokens waiting.
     pub max_waiting: u32,
     pub max_waiting_tokens: u64,
@@ -60,6 +66,7 @@ impl Default for SchedConfig {
             max_seq_tokens: 8192,
             max_step_tokens: 512,
             max_prefill_chunk: 512,
+            min_prefill_piece: 1,
             max_waiting: 256,
             max_waiting_tokens: 1 << 20,
             watermark_blocks: 4,

@@ -527,3 +527,52 @@ fn a_chat_too_long_for_one_step_still_starts_beside_a_long_prefill() {
     assert!(steps <= 4, "{steps} steps to prefill 100 tokens");
     assert_eq!(h.s.check_invariants(), Ok(()));
 }
+
+/// The prefill pieces of request 1 (a 3,000-token prompt) while 6 chats decode beside it,
+/// with the executor's fast path at `fast` rows.
+fn long_prompt_pieces_beside_chats(fast: u32) -> Vec<u64> {
+    let mut cfg = behind_a_long_prompt(512).s.config().clone();
+    cfg.max_waiting = 16;
+    cfg.min_prefill_piece = fast;
+    let mut h = Harness::new(cfg);
+    for _ in 0..6 {
+        h.arrive("a", Band::Standard, 40, 400);
+    }
+    h.arrive("a", Band::Standard, 3000, 8);
+    let long = RequestId(7);
+    let mut pieces = Vec::new();
+    for _ in 0..500 {
+        for (id, n, decode) in h.step(0) {
+            if id == long && !decode {
+                pieces.push(n);
+            }
+        }
+        assert_eq!(h.s.check_invariants(), Ok(()));
+        if pieces.iter().sum::<u64>() >= 3000 {
+            break;
+        }
+    }
+    assert_eq!(pieces.iter().sum::<u64>(), 3000, "{pieces:?}");
+    pieces
+}
+
+/// Beside decoding chats the step's time target leaves a long prompt fewer rows than the
+/// kernels' fast path takes (`min_prefill_piece`); its pieces still have that many, all
+/// but its last two (the piece up to its last full block, and the tail).
+#[test]
+fn a_long_prompt_is_cut_into_pieces_of_the_fast_path_beside_decodes() {
+    let slow = long_prompt_pieces_beside_chats(1);
+    assert!(
+        slow.iter().filter(|&&n| n < 64).count() > 10,
+        "the time target alone cuts short pieces: {slow:?}"
+    );
+    let fast = long_prompt_pieces_beside_chats(64);
+    let body = &fast[..fast.len() - 2];
+    assert!(body.iter().all(|&n| n >= 64), "{fast:?}");
+    assert!(
+        fast.len() < slow.len(),
+        "{} vs {} pieces",
+        fast.len(),
+        slow.len()
+    );
+}

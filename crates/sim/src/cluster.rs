@@ -23,6 +23,8 @@ pub struct SimWorker {
     pub kv_tokens: u64,
     pub slots: u32,
     pub usd_per_hour: f64,
+    /// See `ExecutorCapacity::fast_prefill_rows`.
+    pub fast_prefill_rows: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -182,6 +184,7 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                 max_seq_tokens: w.kv_tokens,
                 max_batch_tokens: cfg.engine.max_step_tokens,
                 stream_per_slot: false,
+                fast_prefill_rows: w.fast_prefill_rows,
             };
             Worker {
                 sched: Scheduler::new(cfg.engine.sched_config(&cap)),
@@ -609,6 +612,7 @@ mod tests {
             kv_tokens: 65_536,
             slots: 64,
             usd_per_hour: 2.0,
+            fast_prefill_rows: 1,
         };
         SimConfig {
             workers: vec![worker; 4],

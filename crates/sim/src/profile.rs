@@ -60,6 +60,8 @@ pub struct Accelerator {
     pub kv_tokens: u64,
     pub slots: u32,
     pub usd_per_hour: f64,
+    /// Fewest rows a prefill piece needs for the kernels' fast path (1: no threshold).
+    pub fast_prefill_rows: u32,
 }
 
 #[derive(serde::Deserialize)]
@@ -80,6 +82,19 @@ pub struct ProfileEntry {
     pub kv_tokens: u64,
     pub slots: u32,
     pub usd_per_hour: f64,
+    /// Fewest rows of one sequence's prefill piece that take the kernels' fast path, as
+    /// the executor reports it (`ExecutorCapacity::fast_prefill_rows`); the simulated
+    /// scheduler cuts prompts as the real one does. Default 1: no threshold.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub fast_prefill_rows: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl ProfileEntry {
@@ -94,6 +109,7 @@ impl ProfileEntry {
             kv_tokens: self.kv_tokens,
             slots: self.slots,
             usd_per_hour: self.usd_per_hour,
+            fast_prefill_rows: self.fast_prefill_rows.max(1),
         }
     }
 }

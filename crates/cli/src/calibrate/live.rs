@@ -147,6 +147,7 @@ mod tests {
             max_seq_tokens: 4096,
             max_batch_tokens: 512,
             stream_per_slot: false,
+            fast_prefill_rows: 1,
         };
         let points = measure("poisson:200:6:40:5", EngineConfig::default(), move || {
             Ok(tokenfab_sim::ModelExecutor::new(spec, capacity))

@@ -25,6 +25,7 @@ pub fn config() -> SchedConfig {
         target_step: Some(Nanos::from_millis(20)),
         kv_quotas: BTreeMap::new(),
         adopt_cached_slots: false,
+        min_prefill_piece: 1,
     }
 }
 
