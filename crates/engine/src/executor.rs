@@ -43,8 +43,8 @@ pub struct ExecutorCapacity {
     /// consecutive slots share a kernel micro-batch (see `SchedConfig::adopt_cached_slots`).
     pub stream_per_slot: bool,
     /// Fewest rows one sequence's prefill piece needs to take the kernels' fast path
-    /// (1: the kernels have no such threshold). The scheduler never cuts a prompt into
-    /// pieces shorter than this but its last (`SchedConfig::min_prefill_piece`).
+    /// (1: the kernels have no such threshold). The scheduler does not cut a piece
+    /// shorter than this to keep a step's time target (`SchedConfig::min_prefill_piece`).
     pub fast_prefill_rows: u32,
 }
 

@@ -644,8 +644,9 @@ impl Scheduler {
         // path, whatever the time target left: below it every row costs more (llama.cpp's
         // CPU attention deep in a 3,000-token prompt: 48 rows take 92 % of the time of
         // 64, 32 rows 61 %), and a prompt cut to the target's few rows beside decoding
-        // streams crawled (`scripts/bench-peers` mixlong: 3,000-token prompts' TTFT P50
-        // 118 s → 54 s, wall 249 s → 186 s; the chats' ITL P99 0.70 s → 0.99 s).
+        // streams crawled (`scripts/bench-peers`' mixlong load: 3,000-token prompts' TTFT
+        // P50 118 s → 54 s, wall 249 s → 186 s; the chats pay: ITL P99 0.70 s → 0.99 s,
+        // TTFT P50 1.7 s → 2.1 s).
         let fast = u64::from(self.cfg.min_prefill_piece);
         if n < left && n < fast {
             n = fast.min(left).min(budget.tokens).min(max_chunk);

@@ -31,10 +31,11 @@ pub struct SchedConfig {
     /// Largest prefill chunk of one sequence in one step.
     pub max_prefill_chunk: u32,
     /// Fewest rows a prefill piece of one sequence needs for the executor's fast kernel
-    /// path (`ExecutorCapacity::fast_prefill_rows`; 1: no such threshold). A piece that
-    /// does not end its prompt is never cut shorter than this, whatever the step's time
-    /// target leaves: below it every row costs more, so a shorter piece buys the streams
-    /// beside it little time and the prompt much.
+    /// path (`ExecutorCapacity::fast_prefill_rows`; 1: no such threshold). The step's
+    /// time target never cuts a piece shorter than this (the prompt's end, the block
+    /// boundary before its tail and the step's token budget still may): below it every
+    /// row costs more, so a shorter piece buys the streams beside it little time and
+    /// the prompt much.
     pub min_prefill_piece: u32,
     /// Bounded queue: requests and prompt tokens waiting.
     pub max_waiting: u32,
