@@ -468,9 +468,8 @@ fn slo_admission_counts_only_the_uncached_prompt() {
     assert!(warm.is_ok(), "{warm:?}");
 }
 
-/// Room for a 3,000-token prompt and a few chats, `step` tokens per step; the long
-/// prompt arrives first.
-fn behind_a_long_prompt(step: u32) -> Harness {
+/// Room for a 3,000-token prompt and a few chats, `step` tokens per step.
+fn long_prompt_config(step: u32) -> SchedConfig {
     let mut cfg = config();
     cfg.kv_blocks = 400;
     cfg.slots = 16;
@@ -479,7 +478,12 @@ fn behind_a_long_prompt(step: u32) -> Harness {
     cfg.max_prefill_chunk = step;
     cfg.max_seq_tokens = 4000;
     cfg.max_waiting_tokens = 100_000;
-    let mut h = Harness::new(cfg);
+    cfg
+}
+
+/// [`long_prompt_config`], with the long prompt arrived first.
+fn behind_a_long_prompt(step: u32) -> Harness {
+    let mut h = Harness::new(long_prompt_config(step));
     h.arrive("a", Band::Standard, 3000, 8);
     h
 }
@@ -531,7 +535,7 @@ fn a_chat_too_long_for_one_step_still_starts_beside_a_long_prefill() {
 /// The prefill pieces of request 1 (a 3,000-token prompt) while 6 chats decode beside it,
 /// with the executor's fast path at `fast` rows.
 fn long_prompt_pieces_beside_chats(fast: u32) -> Vec<u64> {
-    let mut cfg = behind_a_long_prompt(512).s.config().clone();
+    let mut cfg = long_prompt_config(512);
     cfg.max_waiting = 16;
     cfg.min_prefill_piece = fast;
     let mut h = Harness::new(cfg);
