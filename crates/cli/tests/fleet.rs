@@ -236,10 +236,13 @@ async fn requests_sharing_a_prefix_stay_on_one_worker_while_load_stays_balanced(
     let named = [("w0", ports[0]), ("w1", ports[1]), ("w2", ports[2])];
     // The workers' real prefill speed, as an operator would configure it: the mock
     // computes one token per byte at 100 µs, and the router counts ~4 bytes per token.
+    // Health checks every 100 ms, so that the workers' KV use is known to the router for
+    // the whole run, whatever the machine's speed (with the default 1 s, a fast run ended
+    // before the first report and a slow one did not: the CI flake this once was).
     let gw = gateway(
         dir.path(),
         &named,
-        "default_policy = \"prefix-load\"",
+        "default_policy = \"prefix-load\"\nhealth_interval_ms = 100",
         "prefill_tokens_per_s = 2500",
     )
     .await;
