@@ -238,7 +238,7 @@ async fn requests_sharing_a_prefix_stay_on_one_worker_while_load_stays_balanced(
     // computes one token per byte at 100 µs, and the router counts ~4 bytes per token.
     // Health checks every 100 ms, so that the workers' KV use is known to the router for
     // the whole run, whatever the machine's speed (with the default 1 s, a fast run ended
-    // before the first report and a slow one did not: the CI flake this once was).
+    // before any report of KV in use and a slow one did not: the CI flake this once was).
     let gw = gateway(
         dir.path(),
         &named,

@@ -246,7 +246,9 @@ impl Router {
             };
         }
         let mut picked: Vec<usize> = Vec::with_capacity(SAMPLE + HOLDERS);
-        if let Some(ids) = req.blocks.first().and_then(|b| self.holders.get(b)) {
+        let held = req.blocks.first().and_then(|b| self.holders.get(b));
+        let latest = held.and_then(|ids| ids.last().copied());
+        if let Some(ids) = held {
             let mut rebuilt = false;
             for id in ids {
                 let at = |p: &FxHashMap<u64, usize>| {
@@ -286,7 +288,7 @@ impl Router {
             .map(|&i| self.score(req, i, &candidates[i]))
             .collect();
         // Choose within the sample (by position), then map back to the candidates.
-        let (k, reason) = pick_within_slo(req, &sample, &scores, self.latest_holder(req));
+        let (k, reason) = pick_within_slo(req, &sample, &scores, latest);
         Decision {
             chosen: picked[k],
             reason,
