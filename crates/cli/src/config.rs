@@ -198,6 +198,14 @@ impl Default for ModelConfig {
     }
 }
 
+/// `serve`'s KV block size. llama.cpp keeps KV per token, so a block is only the
+/// prefix cache's unit of matching, and a small one reuses more of a shared prefix: the
+/// chat template's common opening is ~24 tokens of SmolLM2, of which 16-token blocks
+/// reused 16, and the tail after the last full block, which is always its own piece, is
+/// at most 4 tokens instead of 16. (The simulator keeps `EngineConfig`'s 16: paged GPU
+/// engines such as vLLM match prefixes in blocks of that size.)
+pub const SERVE_BLOCK_TOKENS: u32 = 4;
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         let e = tokenfab_engine::EngineConfig::default();
@@ -205,7 +213,7 @@ impl Default for SchedulerConfig {
             max_step_tokens: e.max_step_tokens,
             max_prefill_chunk: e.max_prefill_chunk,
             max_running: e.max_running,
-            block_tokens: e.block_tokens,
+            block_tokens: SERVE_BLOCK_TOKENS,
             max_waiting: e.max_waiting,
             max_waiting_tokens: e.max_waiting_tokens,
             target_step_ms: e.target_step_ms,

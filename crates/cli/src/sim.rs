@@ -321,7 +321,11 @@ fn fidelity(
         &SimConfig {
             workers: workers.clone(),
             policy,
-            engine: queue_whole_trace(tokenfab_engine::EngineConfig::default()),
+            // The server runs serve's defaults; so does its simulated twin.
+            engine: queue_whole_trace(tokenfab_engine::EngineConfig {
+                block_tokens: crate::config::SERVE_BLOCK_TOKENS,
+                ..Default::default()
+            }),
             slo: tokenfab_sched::Slo::default(),
             seed: a.seed,
         },

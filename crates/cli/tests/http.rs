@@ -132,12 +132,21 @@ async fn seed_makes_sampling_reproducible_on_an_idle_engine() {
                 "Tell me a short story about a fox.",
                 json!({"max_tokens": 32, "temperature": 1.0, "top_p": 0.95, "top_k": 40, "seed": seed}),
             );
-            content(&post(&url, "/v1/chat/completions", &body).await.1)
+            let v = post(&url, "/v1/chat/completions", &body).await.1;
+            let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+            (content(&v), cached.unwrap_or(0))
         }
     };
-    let a = run(7).await;
-    let b = run(7).await;
-    let c = run(8).await;
+    let (a, cold) = run(7).await;
+    let (b, warm) = run(7).await;
+    let (c, _) = run(8).await;
+    // The repeat is a prefix-cache hit: it computes only the prompt's tail, which the cold
+    // run computed as a piece of its own, so the logits are the same bits.
+    assert_eq!(
+        (cold, warm > 0),
+        (0, true),
+        "cached tokens {cold}, then {warm}"
+    );
     assert_eq!(a, b, "same seed, same output");
     assert_ne!(a, c, "different seeds should sample differently");
 }

@@ -95,6 +95,7 @@ async fn prefilled_once_per_tenant(cfg: tokenfab::config::Config) {
         p1.len()
     );
     let common = p1.iter().zip(&p2).take_while(|(a, b)| a == b).count() as u64;
+    let block = u64::from(cfg.scheduler.block_tokens);
     let engine = app.engine.clone().expect("a local engine");
 
     assert_eq!(
@@ -103,8 +104,8 @@ async fn prefilled_once_per_tenant(cfg: tokenfab::config::Config) {
         "cold cache"
     );
     let hit = cached_tokens(&engine, "a", p2.clone()).await;
-    // Whole 16-token blocks of the common prefix are reused; only the tail is prefilled.
-    assert_eq!(hit, common / 16 * 16, "common prefix {common}");
+    // Whole blocks of the common prefix are reused; only the tail is prefilled.
+    assert_eq!(hit, common / block * block, "common prefix {common}");
     assert!(hit >= 1000);
     // Another tenant with the very same prompt gets nothing from tenant a's cache.
     assert_eq!(
@@ -115,7 +116,7 @@ async fn prefilled_once_per_tenant(cfg: tokenfab::config::Config) {
     // Its own second request hits its own entry.
     assert_eq!(
         cached_tokens(&engine, "b", p2.clone()).await,
-        (p2.len() as u64 - 1) / 16 * 16
+        (p2.len() as u64 - 1) / block * block
     );
 }
 
