@@ -704,7 +704,10 @@ async fn a_tenant_kv_cap_refuses_long_prompts_and_clamps_output() {
     let mut cfg = config();
     cfg.model.mock = "instant".into();
     cfg.model.kv_tokens = 4096;
-    // 4096 KV tokens in 256 blocks; 5 % is 12 blocks: 192 tokens (mock: one per byte).
+    // 5 % of 4096 KV tokens, in whole blocks (mock: one token per byte): 204 tokens with
+    // serve's 4-token blocks.
+    let bt = u64::from(cfg.scheduler.block_tokens);
+    let cap = (4096 / bt) * 50 / 1000 * bt;
     cfg.scheduler.tenants.insert(
         "local".into(),
         TenantKvConfig {
@@ -719,12 +722,12 @@ async fn a_tenant_kv_cap_refuses_long_prompts_and_clamps_output() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("share") && msg.contains("192"), "{msg}");
+    assert!(msg.contains("share") && msg.contains(&cap.to_string()), "{msg}");
     let r = call(&url, None, &ask("hi".into()), &[]).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
     let used = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
         + v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
-    assert_eq!(used, 192, "{v}");
+    assert_eq!(used, cap, "{v}");
 }
