@@ -722,7 +722,10 @@ async fn a_tenant_kv_cap_refuses_long_prompts_and_clamps_output() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("share") && msg.contains(&cap.to_string()), "{msg}");
+    assert!(
+        msg.contains("share") && msg.contains(&cap.to_string()),
+        "{msg}"
+    );
     let r = call(&url, None, &ask("hi".into()), &[]).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.expect("json");
