@@ -322,10 +322,7 @@ fn fidelity(
             workers: workers.clone(),
             policy,
             // The server runs serve's defaults; so does its simulated twin.
-            engine: queue_whole_trace(tokenfab_engine::EngineConfig {
-                block_tokens: crate::config::SERVE_BLOCK_TOKENS,
-                ..Default::default()
-            }),
+            engine: queue_whole_trace(crate::config::Config::default().engine()?),
             slo: tokenfab_sched::Slo::default(),
             seed: a.seed,
         },

@@ -707,7 +707,7 @@ async fn a_tenant_kv_cap_refuses_long_prompts_and_clamps_output() {
     // 5 % of 4096 KV tokens, in whole blocks (mock: one token per byte): 204 tokens with
     // serve's 4-token blocks.
     let bt = u64::from(cfg.scheduler.block_tokens);
-    let cap = (4096 / bt) * 50 / 1000 * bt;
+    let cap = (u64::from(cfg.model.kv_tokens) / bt) * 50 / 1000 * bt;
     cfg.scheduler.tenants.insert(
         "local".into(),
         TenantKvConfig {
