@@ -29,8 +29,9 @@ pub enum KvLayout {
     /// A fixed stream of `kv_tokens / slots` cells per slot (llama-server's layout with
     /// `-np`): attention reads only the sequence's own stream, so batched decode runs at
     /// the kernel limit. Every slot reserves room for the longest sequence, which is also
-    /// `kv_tokens / slots`, and a cached prefix is reused by copying its whole stream
-    /// (llama.cpp copies across streams only whole), then dropping the rest.
+    /// `kv_tokens / slots`, and a cached prefix is reused by copying the source
+    /// sequence's saved state (only the cells it holds), then dropping the rest. `serve`'s
+    /// default (`config.rs`).
     PerSequence,
 }
 
@@ -237,6 +238,8 @@ impl Executor for LlamaExecutor {
         tracing::trace!(
             tokens = batch.iter().map(|e| e.tokens.len()).sum::<usize>(),
             seqs = batch.len(),
+            // (slot, tokens) per entry: a gap between slots costs a weight pass.
+            slots = ?batch.iter().map(|e| (e.slot.0, e.tokens.len())).collect::<Vec<_>>(),
             ms = t0.elapsed().as_secs_f64() * 1e3,
             "llama step"
         );
