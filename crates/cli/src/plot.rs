@@ -45,7 +45,7 @@ pub fn write(path: &std::path::Path, reports: &[Report]) -> anyhow::Result<()> {
             colour.stroke_width(2),
         ))
         .map_err(err)?
-        .label(r.policy.clone())
+        .label(r.label())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
     }
     cdf.configure_series_labels()
@@ -81,7 +81,7 @@ pub fn write(path: &std::path::Path, reports: &[Report]) -> anyhow::Result<()> {
             colour.stroke_width(2),
         ))
         .map_err(err)?
-        .label(r.policy.clone())
+        .label(r.label())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
     }
     load.configure_series_labels()

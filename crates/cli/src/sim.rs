@@ -41,6 +41,11 @@ pub struct SimArgs {
     /// Time-per-output-token target, ms.
     #[arg(long)]
     slo_tpot_ms: Option<u64>,
+    /// Whether routers and engines turn away requests predicted to miss the SLO
+    /// (tokenfab's admission), or schedule everything as engines without SLO admission
+    /// do; `both` runs every policy each way. Goodput is judged against the SLO either way.
+    #[arg(long, value_enum, default_value_t = Admission::Slo)]
+    admission: Admission,
     #[command(flatten)]
     replay: Replay,
     /// One JSON object per policy instead of a table.
@@ -63,6 +68,24 @@ pub struct SimArgs {
     /// printed beside it. One replay on a shared machine varies by more than 15 %.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
     repeat: u32,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Admission {
+    Slo,
+    Off,
+    Both,
+}
+
+impl Admission {
+    /// The `slo_admission` settings to run, in report order.
+    fn modes(self) -> &'static [bool] {
+        match self {
+            Admission::Slo => &[true],
+            Admission::Off => &[false],
+            Admission::Both => &[true, false],
+        }
+    }
 }
 
 /// How a trace is replayed (`sim`, and `bench --trace`).
@@ -160,7 +183,8 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let reports: Vec<Report> = policies
         .iter()
-        .map(|&policy| {
+        .flat_map(|&policy| a.admission.modes().iter().map(move |&adm| (policy, adm)))
+        .map(|(policy, slo_admission)| {
             simulate(
                 &trace,
                 &SimConfig {
@@ -171,6 +195,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
                         ttft: a.slo_ttft_ms.map(Nanos::from_millis),
                         tpot: a.slo_tpot_ms.map(Nanos::from_millis),
                     },
+                    slo_admission,
                     seed: a.seed,
                 },
             )
@@ -201,7 +226,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         a.workers
     );
     println!(
-        "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>9}",
+        "{:<28} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>9}",
         "policy",
         "ttft p50",
         "ttft p99",
@@ -218,8 +243,8 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     );
     for r in &reports {
         println!(
-            "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>8} {:>8} {:>9.1} {:>8.2} {:>6.1} {:>9.4}",
-            r.policy,
+            "{:<28} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>8} {:>8} {:>9.1} {:>8.2} {:>6.1} {:>9.4}",
+            r.label(),
             r.ttft_ms.p50,
             r.ttft_ms.p99,
             r.tpot_ms.p50,
@@ -234,9 +259,9 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
             r.usd_per_m_output_tokens
         );
     }
-    println!("(ms; refused = turned away by the engines' SLO admission; good/s = completed requests meeting every SLO per second; slo % = their share of completed requests; $/M out = accelerator cost per million output tokens)");
+    println!("(ms; refused = turned away by SLO admission, 'no adm.' = SLO admission off; good/s = completed requests meeting every SLO per second; slo % = their share of completed requests; $/M out = accelerator cost per million output tokens)");
     println!(
-        "{:<20} {:>10} {:>10} {:>30}",
+        "{:<28} {:>10} {:>10} {:>30}",
         "policy", "jain work", "jain ttft", "queue p99 by band (ms)"
     );
     for r in &reports {
@@ -246,8 +271,8 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
             .map(|(b, p)| format!("{b} {:.1}", p.p99))
             .collect();
         println!(
-            "{:<20} {:>10.3} {:>10.3} {:>30}",
-            r.policy,
+            "{:<28} {:>10.3} {:>10.3} {:>30}",
+            r.label(),
             r.jain_workers,
             r.jain_tenant_ttft,
             bands.join(", ")
@@ -255,14 +280,19 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     }
     if reports.iter().any(|r| r.tenants.len() > 1) {
         println!(
-            "{:<20} {:>7} {:>9} {:>9} {:>9} {:>10}",
+            "{:<28} {:>7} {:>9} {:>9} {:>9} {:>10}",
             "policy", "tenant", "requests", "ttft p50", "ttft p99", "queue p99"
         );
         for r in &reports {
             for t in &r.tenants {
                 println!(
-                    "{:<20} {:>7} {:>9} {:>9.1} {:>9.1} {:>10.1}",
-                    r.policy, t.tenant, t.requests, t.ttft_ms.p50, t.ttft_ms.p99, t.queue_ms.p99
+                    "{:<28} {:>7} {:>9} {:>9.1} {:>9.1} {:>10.1}",
+                    r.label(),
+                    t.tenant,
+                    t.requests,
+                    t.ttft_ms.p50,
+                    t.ttft_ms.p99,
+                    t.queue_ms.p99
                 );
             }
         }
@@ -324,6 +354,7 @@ fn fidelity(
             // The server runs serve's defaults; so does its simulated twin.
             engine: queue_whole_trace(crate::config::Config::default().engine()?),
             slo: tokenfab_sched::Slo::default(),
+            slo_admission: true,
             seed: a.seed,
         },
     );

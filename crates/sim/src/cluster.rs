@@ -33,7 +33,13 @@ pub struct SimConfig {
     pub policy: Policy,
     /// The engine settings every worker runs with (as `tokenfab worker` would).
     pub engine: EngineConfig,
+    /// The SLO goodput is judged against.
     pub slo: Slo,
+    /// Whether the router and the engines see the SLO and turn away requests predicted to
+    /// miss it (tokenfab's admission). Off, they schedule every request as engines and
+    /// routers without SLO admission (vLLM, SGLang behind a load balancer) do, and the
+    /// report still judges goodput against `slo`.
+    pub slo_admission: bool,
     pub seed: u64,
 }
 
@@ -66,6 +72,8 @@ pub fn pcts(mut xs: Vec<f64>) -> Pcts {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Report {
     pub policy: String,
+    /// Whether SLO admission was on ([`SimConfig::slo_admission`]).
+    pub slo_admission: bool,
     pub workers: usize,
     pub requests: usize,
     pub completed: usize,
@@ -103,6 +111,18 @@ pub struct Report {
     /// Every completed request's TTFT (ms), for CDF plots (not in the JSON report).
     #[serde(skip)]
     pub ttfts: Vec<f64>,
+}
+
+impl Report {
+    /// The report's name in tables and plots: the policy, marked when SLO admission
+    /// was off.
+    pub fn label(&self) -> String {
+        if self.slo_admission {
+            self.policy.clone()
+        } else {
+            format!("{} (no adm.)", self.policy)
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -214,6 +234,12 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
         .map(|t| TenantId(format!("t{t}")))
         .collect();
     let mut events_done = 0u64;
+    // What the router and the engines are told; goodput is judged against `cfg.slo`.
+    let admission_slo = if cfg.slo_admission {
+        cfg.slo
+    } else {
+        Slo::default()
+    };
     let mut now = Nanos(0);
     loop {
         let next_step = steps.peek().map(|Reverse((t, _, _))| *t);
@@ -237,7 +263,7 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                     prompt_tokens: r.input_tokens,
                     max_tokens: r.output_tokens.max(1),
                     session: None,
-                    ttft_slo: cfg.slo.ttft,
+                    ttft_slo: admission_slo.ttft,
                 };
                 let Some(d) = router.route(&route, &loads) else {
                     lives[i].rejected = true;
@@ -256,7 +282,7 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                     prompt: Tokens(r.input_tokens.max(1)),
                     max_new: Tokens(r.output_tokens.max(1)),
                     arrival: now,
-                    slo: cfg.slo,
+                    slo: admission_slo,
                     block_hashes: blocks,
                 };
                 lives[i].worker = w;
@@ -490,6 +516,7 @@ fn report(
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     Report {
         policy: cfg.policy.as_str().to_owned(),
+        slo_admission: cfg.slo_admission,
         workers: cfg.workers.len(),
         requests: trace.len(),
         completed,
@@ -619,6 +646,7 @@ mod tests {
             policy,
             engine: EngineConfig::default(),
             slo: Slo::default(),
+            slo_admission: true,
             seed: 7,
         }
     }
@@ -671,5 +699,29 @@ mod tests {
             rr.prefix_hit_rate
         );
         assert!(pl.ttft_ms.p50 <= rr.ttft_ms.p50, "{pl:?} {rr:?}");
+    }
+    #[test]
+    fn without_slo_admission_nothing_is_refused_and_goodput_is_still_judged() {
+        // One worker, arrivals 2 ms apart, each needing ~100 ms of prefill: a queue
+        // builds, and a 150 ms TTFT target cannot hold for most requests.
+        let mut t = trace();
+        for (i, r) in t.iter_mut().enumerate() {
+            r.arrival = Nanos::from_millis(i as u64 * 2);
+        }
+        let mut cfg = config(Policy::RoundRobin);
+        cfg.workers.truncate(1);
+        cfg.slo.ttft = Some(Nanos::from_millis(150));
+        let on = simulate(&t, &cfg);
+        cfg.slo_admission = false;
+        let off = simulate(&t, &cfg);
+        assert!(on.rejected > 0, "admission turns some away: {on:?}");
+        assert!(on.slo_admission && !off.slo_admission);
+        assert_eq!(off.rejected, 0, "{off:?}");
+        assert_eq!(off.completed, 40);
+        assert!(
+            off.slo_attainment < 0.5,
+            "the SLO is still judged: {}",
+            off.slo_attainment
+        );
     }
 }
