@@ -193,6 +193,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             args.max_tokens,
             args.temperature,
             &model,
+            0,
         ),
         None => make_jobs(&args, &model),
     };
@@ -294,7 +295,15 @@ impl Drive {
 
 /// Replay `trace` against the server at `url` (its first model) at the trace's own
 /// arrival times, output capped at `max_tokens`: each request as the client saw it.
-pub fn replay(url: &str, trace: &[TraceRequest], max_tokens: u32) -> anyhow::Result<Vec<Measured>> {
+/// Replays with different `salt`s send different text, so a replay finds nothing of an
+/// earlier one in the server's prefix cache (shared prefixes within a replay stay
+/// shared): repeated replays are equal work, as the simulation of each is.
+pub fn replay(
+    url: &str,
+    trace: &[TraceRequest],
+    max_tokens: u32,
+    salt: u64,
+) -> anyhow::Result<Vec<Measured>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -313,7 +322,7 @@ pub fn replay(url: &str, trace: &[TraceRequest], max_tokens: u32) -> anyhow::Res
             progress: true,
         };
         let (s, _) = drive
-            .run(trace_jobs(trace, max_tokens, 0.0, &model))
+            .run(trace_jobs(trace, max_tokens, 0.0, &model, salt))
             .await?;
         if !s.errors.is_empty() {
             anyhow::bail!("replay failed for some requests: {:?}", s.errors);
@@ -357,9 +366,17 @@ fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
 }
 
 /// The requests of a trace, as chat requests at their arrival times.
-fn trace_jobs(reqs: &[TraceRequest], max_tokens: u32, temperature: f32, model: &str) -> Vec<Job> {
+/// A trace's requests as jobs; each block's text is drawn from its id and `salt`.
+fn trace_jobs(
+    reqs: &[TraceRequest],
+    max_tokens: u32,
+    temperature: f32,
+    model: &str,
+    salt: u64,
+) -> Vec<Job> {
     let block_text = |id: u64, words_in: u64| -> String {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(id ^ 0x5eed);
+        let seed = id ^ 0x5eed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         words(words_in as usize, &mut rng)
     };
     reqs.iter()

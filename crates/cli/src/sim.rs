@@ -65,7 +65,8 @@ pub struct SimArgs {
     max_tokens: u32,
     /// With --against: replay the trace this many times and compare the simulation with
     /// the median run (each percentile's median across runs); the measured range is
-    /// printed beside it. One replay on a shared machine varies by more than 15 %.
+    /// printed beside it. One replay on a shared machine varies by more than 15 %. Each
+    /// replay sends its own text, so none finds an earlier one's prompts in the cache.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
     repeat: u32,
 }
@@ -332,7 +333,14 @@ fn fidelity(
             trace.len(),
             a.repeat
         );
-        runs.push(crate::bench::replay(url, &trace, a.max_tokens)?);
+        // Each replay its own text: a repeat would otherwise hit the prefix cache the
+        // earlier replays filled, and measure a warm server against a cold simulation.
+        runs.push(crate::bench::replay(
+            url,
+            &trace,
+            a.max_tokens,
+            u64::from(run - 1),
+        )?);
     }
     // The workload as the server counted it in the first run: its tokenizer and chat
     // template decide the prompt length, the model's end token may stop a generation
