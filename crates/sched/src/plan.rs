@@ -397,11 +397,16 @@ impl Scheduler {
             .min_by_key(|l| (l.band, l.counter))
     }
 
+    /// [`defers`](Self::defers) without noting it.
+    fn would_defer(&self, adm: &Admission, owner: u32, band: Band) -> bool {
+        adm.lead.is_some_and(|l| {
+            l.owner != owner && (band, self.fair.counter(owner)) > (l.band, l.counter)
+        })
+    }
+
     /// Whether `owner`'s request (in `band`) waits for the lead's to start first.
     fn defers(&self, adm: &Admission, owner: u32, band: Band) -> bool {
-        let d = adm.lead.is_some_and(|l| {
-            l.owner != owner && (band, self.fair.counter(owner)) > (l.band, l.counter)
-        });
+        let d = self.would_defer(adm, owner, band);
         if d {
             adm.deferred.set(true);
         }
@@ -429,26 +434,32 @@ impl Scheduler {
             // tenants' requests keep their fairness order.
             let left = *budget;
             let head = self.queue.peek(&self.fair).map(|w| (w.owner, w.req.band));
-            let Some(next) = self.queue.peek_where(&self.fair, |w| {
-                let cached = self.blocks.cached_len(&w.req.block_hashes);
-                let known = w.req.prompt.0 + w.generated.0;
-                let reused = (cached as u64 * bt64).min((known - 1) / bt64 * bt64);
-                let too_long = pass.refuses(known - reused, left.fits(&self.times, reused))
-                    || (pass != Pass::Any && Some((w.owner, w.req.band)) != head);
-                let capped = !self.cfg.kv_quotas.is_empty()
-                    && self.owners.quota(w.owner).max_blocks.is_some_and(|cap| {
-                        self.committed(w.owner) + self.blocks.blocks_for(known)
-                            - cached.min(self.blocks.blocks_for(known) as usize) as u32
-                            > cap
-                    });
-                too_long
-                    || capped
-                    || self.defers(adm, w.owner, w.req.band)
-                    || w.req
-                        .block_hashes
-                        .get(cached)
-                        .is_some_and(|&h| self.prefilling(cached, h))
-            }) else {
+            // `defers` notes what it defers (`Admission::deferred`), so every request it
+            // may defer is asked (`would_defer`), not just the first one that can start.
+            let Some(next) = self.queue.peek_where_lazily(
+                &self.fair,
+                |w| {
+                    let cached = self.blocks.cached_len(&w.req.block_hashes);
+                    let known = w.req.prompt.0 + w.generated.0;
+                    let reused = (cached as u64 * bt64).min((known - 1) / bt64 * bt64);
+                    let too_long = pass.refuses(known - reused, left.fits(&self.times, reused))
+                        || (pass != Pass::Any && Some((w.owner, w.req.band)) != head);
+                    let capped = !self.cfg.kv_quotas.is_empty()
+                        && self.owners.quota(w.owner).max_blocks.is_some_and(|cap| {
+                            self.committed(w.owner) + self.blocks.blocks_for(known)
+                                - cached.min(self.blocks.blocks_for(known) as usize) as u32
+                                > cap
+                        });
+                    too_long
+                        || capped
+                        || self.defers(adm, w.owner, w.req.band)
+                        || w.req
+                            .block_hashes
+                            .get(cached)
+                            .is_some_and(|&h| self.prefilling(cached, h))
+                },
+                |w| self.would_defer(adm, w.owner, w.req.band),
+            ) else {
                 break;
             };
             let (id, known) = (next.req.id, next.req.prompt.0 + next.generated.0);

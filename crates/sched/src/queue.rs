@@ -141,6 +141,34 @@ impl WaitQueue {
         })
     }
 
+    /// The same request as [`peek_where`](Self::peek_where), and the same calls of
+    /// `defer` wherever `defer` may have a side effect, while calling it far less: each
+    /// band's head in policy order is tried first, and only when it is passed over does
+    /// every request of the band get asked; otherwise `defer` runs, besides the head, only
+    /// on the requests where `noted` holds — which must be every request on which `defer`
+    /// can have a side effect. `defer` is what makes a peek expensive (a prefix lookup per
+    /// request), and a saturated worker has thousands waiting.
+    pub(crate) fn peek_where_lazily(
+        &self,
+        fair: &Fairness,
+        defer: impl Fn(&Waiting) -> bool,
+        noted: impl Fn(&Waiting) -> bool,
+    ) -> Option<&Waiting> {
+        let key = |w: &Waiting| (fair.counter(w.owner), w.req.deadline(), w.seq_no);
+        self.bands.iter().find_map(|band| {
+            let head = band.iter().min_by_key(|w| key(w))?;
+            if defer(head) {
+                return band.iter().filter(|w| !defer(w)).min_by_key(|w| key(w));
+            }
+            for w in band.iter().filter(|w| !std::ptr::eq(*w, head)) {
+                if noted(w) {
+                    defer(w);
+                }
+            }
+            Some(head)
+        })
+    }
+
     pub(crate) fn remove(&mut self, id: RequestId) -> Option<Waiting> {
         for band in &mut self.bands {
             if let Some(i) = band.iter().position(|w| w.req.id == id) {
@@ -191,5 +219,56 @@ mod tests {
         q.remove(RequestId(3));
         assert_eq!(q.peek(&f).map(|w| w.req.id), Some(RequestId(2)));
         assert_eq!(q.tokens(), 20);
+    }
+    #[test]
+    fn lazy_peek_picks_what_peek_where_picks_and_asks_every_noted_request() {
+        let mut q = WaitQueue::default();
+        let mut f = Fairness::default();
+        for id in 1..=12u64 {
+            let band = if id % 3 == 0 {
+                Band::Batch
+            } else {
+                Band::Standard
+            };
+            q.push(
+                req(id, &format!("t{}", id % 4), band),
+                (id % 4) as u32,
+                Tokens(0),
+                0,
+            );
+        }
+        f.charge(1, 1, 300, 0);
+        f.charge(2, 1, 100, 0);
+        // Every subset of deferred requests among the first 10 ids (and none beyond).
+        for mask in 0u32..1 << 10 {
+            let deferred = |w: &Waiting| w.req.id.0 <= 10 && mask & (1 << (w.req.id.0 - 1)) != 0;
+            let noted = |w: &Waiting| w.req.id.0.is_multiple_of(2);
+            let eager_asked = std::cell::RefCell::new(Vec::new());
+            let eager = q.peek_where(&f, |w| {
+                eager_asked.borrow_mut().push(w.req.id);
+                deferred(w)
+            });
+            let lazy_asked = std::cell::RefCell::new(Vec::new());
+            let lazy = q.peek_where_lazily(
+                &f,
+                |w| {
+                    lazy_asked.borrow_mut().push(w.req.id);
+                    deferred(w)
+                },
+                noted,
+            );
+            assert_eq!(
+                lazy.map(|w| w.req.id),
+                eager.map(|w| w.req.id),
+                "mask {mask:b}"
+            );
+            let mut lazy_asked = lazy_asked.into_inner();
+            lazy_asked.sort();
+            for id in eager_asked.into_inner() {
+                if id.0.is_multiple_of(2) {
+                    assert!(lazy_asked.binary_search(&id).is_ok(), "noted {id:?} asked");
+                }
+            }
+        }
     }
 }
