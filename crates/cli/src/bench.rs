@@ -365,8 +365,8 @@ fn make_jobs(a: &BenchArgs, model: &str) -> Vec<Job> {
         .collect()
 }
 
-/// The requests of a trace, as chat requests at their arrival times.
-/// A trace's requests as jobs; each block's text is drawn from its id and `salt`.
+/// The requests of a trace, as chat requests at their arrival times; each block's text
+/// is drawn from its id and `salt`.
 fn trace_jobs(
     reqs: &[TraceRequest],
     max_tokens: u32,

@@ -220,6 +220,7 @@ mod tests {
         assert_eq!(q.peek(&f).map(|w| w.req.id), Some(RequestId(2)));
         assert_eq!(q.tokens(), 20);
     }
+
     #[test]
     fn lazy_peek_picks_what_peek_where_picks_and_asks_every_noted_request() {
         let mut q = WaitQueue::default();
