@@ -700,6 +700,7 @@ mod tests {
         );
         assert!(pl.ttft_ms.p50 <= rr.ttft_ms.p50, "{pl:?} {rr:?}");
     }
+
     #[test]
     fn without_slo_admission_nothing_is_refused_and_goodput_is_still_judged() {
         // One worker, arrivals 2 ms apart, each needing ~100 ms of prefill: a queue
