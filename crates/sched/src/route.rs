@@ -180,14 +180,88 @@ impl Router {
     /// Choose among `candidates` (all eligible: healthy, serving the model, of the
     /// tier being tried). `None` only when there are none.
     pub fn route(&mut self, req: &RouteRequest<'_>, candidates: &[WorkerLoad]) -> Option<Decision> {
+        let sample = self.sample(req, candidates);
+        self.route_within(req, candidates, sample)
+    }
+
+    /// The candidates (by position) whose loads a decision on `req` reads: `None` for
+    /// all of them; on a large fleet, the sample [`route_within`](Self::route_within)
+    /// scores — round-robin's pick, or for prefix-load the workers last sent the
+    /// prompt's first block plus [`SAMPLE`] others. It moves the round-robin cursor, so
+    /// each call is followed by `route_within` for the same request and candidates.
+    /// [`route`](Self::route) does both; the simulator calls the halves, bringing the
+    /// sampled workers up to the clock in between (its workers catch up only when read).
+    pub fn sample(
+        &mut self,
+        req: &RouteRequest<'_>,
+        candidates: &[WorkerLoad],
+    ) -> Option<Vec<usize>> {
+        let n = candidates.len();
+        if n <= FULL_SCAN
+            || !matches!(self.policy, Policy::PrefixLoad | Policy::RoundRobin)
+            || req.session.is_some()
+        {
+            return None;
+        }
+        let start = self.cursor;
+        self.cursor = self.cursor.wrapping_add(1);
+        if self.policy == Policy::RoundRobin {
+            return Some(vec![(start % n as u64) as usize]);
+        }
+        let mut picked: Vec<usize> = Vec::with_capacity(SAMPLE + HOLDERS);
+        if let Some(ids) = req.blocks.first().and_then(|b| self.holders.get(b)) {
+            let mut rebuilt = false;
+            for id in ids {
+                let at = |p: &FxHashMap<u64, usize>| {
+                    p.get(id)
+                        .copied()
+                        .filter(|&i| candidates.get(i).is_some_and(|w| w.id == *id))
+                };
+                let mut found = at(&self.positions);
+                if found.is_none() && !rebuilt {
+                    // The list changed since (or the worker left): index it again, once.
+                    self.positions = candidates
+                        .iter()
+                        .enumerate()
+                        .map(|(i, w)| (w.id, i))
+                        .collect();
+                    rebuilt = true;
+                    found = at(&self.positions);
+                }
+                picked.extend(found);
+            }
+            picked.sort_unstable();
+        }
+        let mut x = fnv1a(start, b"sample") | 1;
+        for _ in 0..SAMPLE {
+            // xorshift64: a fixed sequence per decision, so runs repeat exactly.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = (x % n as u64) as usize;
+            if !picked.contains(&i) {
+                picked.push(i);
+            }
+        }
+        Some(picked)
+    }
+
+    /// The decision of [`route`](Self::route) among `sample`, what
+    /// [`sample`](Self::sample) returned for this request.
+    pub fn route_within(
+        &mut self,
+        req: &RouteRequest<'_>,
+        candidates: &[WorkerLoad],
+        sample: Option<Vec<usize>>,
+    ) -> Option<Decision> {
         if candidates.is_empty() {
             return None;
         }
-        if candidates.len() > FULL_SCAN
-            && matches!(self.policy, Policy::PrefixLoad | Policy::RoundRobin)
-            && req.session.is_none()
+        // A sample from another candidate list falls back to scoring everyone.
+        if let Some(picked) =
+            sample.filter(|p| !p.is_empty() && p.iter().all(|&i| i < candidates.len()))
         {
-            return Some(self.route_sampled(req, candidates));
+            return Some(self.decide_sampled(req, candidates, picked));
         }
         let mut scores: Vec<Score> = candidates
             .iter()
@@ -231,56 +305,21 @@ impl Router {
         })
     }
 
-    /// [`route`](Self::route) on a large fleet: round-robin scores only its pick;
-    /// prefix-load scores the first block's recent holders and a sample of the rest.
-    fn route_sampled(&mut self, req: &RouteRequest<'_>, candidates: &[WorkerLoad]) -> Decision {
-        let n = candidates.len();
-        let start = self.cursor;
-        self.cursor = self.cursor.wrapping_add(1);
+    /// [`route_within`](Self::route_within) a large fleet's sample: round-robin scores
+    /// only its pick; prefix-load chooses within the sample.
+    fn decide_sampled(
+        &self,
+        req: &RouteRequest<'_>,
+        candidates: &[WorkerLoad],
+        picked: Vec<usize>,
+    ) -> Decision {
         if self.policy == Policy::RoundRobin {
-            let i = (start % n as u64) as usize;
+            let i = picked[0];
             return Decision {
                 chosen: i,
                 reason: "policy",
                 scores: vec![self.score(req, i, &candidates[i])],
             };
-        }
-        let mut picked: Vec<usize> = Vec::with_capacity(SAMPLE + HOLDERS);
-        let held = req.blocks.first().and_then(|b| self.holders.get(b));
-        let latest = held.and_then(|ids| ids.last().copied());
-        if let Some(ids) = held {
-            let mut rebuilt = false;
-            for id in ids {
-                let at = |p: &FxHashMap<u64, usize>| {
-                    p.get(id)
-                        .copied()
-                        .filter(|&i| candidates.get(i).is_some_and(|w| w.id == *id))
-                };
-                let mut found = at(&self.positions);
-                if found.is_none() && !rebuilt {
-                    // The list changed since (or the worker left): index it again, once.
-                    self.positions = candidates
-                        .iter()
-                        .enumerate()
-                        .map(|(i, w)| (w.id, i))
-                        .collect();
-                    rebuilt = true;
-                    found = at(&self.positions);
-                }
-                picked.extend(found);
-            }
-            picked.sort_unstable();
-        }
-        let mut x = fnv1a(start, b"sample") | 1;
-        for _ in 0..SAMPLE {
-            // xorshift64: a fixed sequence per decision, so runs repeat exactly.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let i = (x % n as u64) as usize;
-            if !picked.contains(&i) {
-                picked.push(i);
-            }
         }
         let sample: Vec<WorkerLoad> = picked.iter().map(|&i| candidates[i].clone()).collect();
         let scores: Vec<Score> = picked
@@ -288,7 +327,7 @@ impl Router {
             .map(|&i| self.score(req, i, &candidates[i]))
             .collect();
         // Choose within the sample (by position), then map back to the candidates.
-        let (k, reason) = pick_within_slo(req, &sample, &scores, latest);
+        let (k, reason) = pick_within_slo(req, &sample, &scores, self.latest_holder(req));
         Decision {
             chosen: picked[k],
             reason,

@@ -7,11 +7,14 @@
 
 use crate::profile::StepProfile;
 use crate::trace::TraceRequest;
+use crate::worker::{Life, Worker};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokenfab_engine::{EngineConfig, ExecutorCapacity};
 use tokenfab_sched::route::{Policy, RouteRequest, Router, WorkerLoad};
-use tokenfab_sched::{Ended, SchedRequest, Scheduler, Slo, StepResult, Work};
+use tokenfab_sched::{SchedRequest, Scheduler, Slo};
 use tokenfab_types::{Nanos, RequestId, TenantId, Tokens};
 
 /// One simulated worker: an accelerator running one model.
@@ -145,59 +148,27 @@ pub struct TimePoint {
     pub output_tok_per_s: f64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Event {
-    Arrival(usize),
-    StepDone(usize),
-}
-
-/// A request's life as seen from outside.
-#[derive(Clone, Copy, Debug, Default)]
-struct Life {
-    worker: usize,
-    /// The first step that worked on it.
-    started: Option<Nanos>,
-    first: Option<Nanos>,
-    end: Option<Nanos>,
-    tokens: u64,
-    rejected: bool,
-    uncached: u64,
-}
-
-struct Worker {
-    sched: Scheduler,
-    /// Its running requests still waiting for their first token, with their uncached
-    /// prompt tokens: a few entries, so a step's tokens need not touch each `Life`.
-    awaiting: Vec<(RequestId, u64)>,
-    busy: bool,
-    /// The work of the step under way.
-    work: Vec<Work>,
-    step_time: Nanos,
-    served: u64,
-}
-
 /// Replay `trace` on the cluster of `cfg`.
+///
+/// Every worker sees the same events in the same order as in one global event loop (at
+/// equal times an arrival comes before a step's end), so the report does not depend on
+/// threads. Workers are independent between arrivals: a second thread keeps them up with
+/// the clock — every step ending before the arrival being routed — while this one routes,
+/// bringing each worker the router reads (its sample, or everyone) the rest of the way.
 pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
+    let helper =
+        cfg.workers.len() > 1 && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    replay(trace, cfg, helper)
+}
+
+/// [`simulate`], with or without the helper thread.
+fn replay(trace: &[TraceRequest], cfg: &SimConfig, helper: bool) -> Report {
     let block_tokens = cfg.engine.block_tokens.max(1);
-    // What the router sees of each worker, updated in place as requests come and go.
-    let mut loads: Vec<WorkerLoad> = cfg
+    let cells: Vec<Mutex<Cell>> = cfg
         .workers
         .iter()
         .enumerate()
-        .map(|(i, w)| WorkerLoad {
-            id: i as u64,
-            prefill_ns_per_token: w.profile.per_token.0.max(1),
-            decode_ns_per_seq: w.profile.per_seq.0 + w.profile.per_token.0,
-            price_nano_usd_per_hour: (w.usd_per_hour * 1e9) as u64,
-            // As a worker reports it on /health; 1 = known, (nearly) empty.
-            kv_permille: 1,
-            ..WorkerLoad::default()
-        })
-        .collect();
-    let mut workers: Vec<Worker> = cfg
-        .workers
-        .iter()
-        .map(|w| {
+        .map(|(i, w)| {
             let cap = ExecutorCapacity {
                 slots: w.slots,
                 kv_tokens: w.kv_tokens,
@@ -206,208 +177,226 @@ pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
                 stream_per_slot: false,
                 fast_prefill_rows: w.fast_prefill_rows,
             };
-            Worker {
-                sched: Scheduler::new(cfg.engine.sched_config(&cap)),
-                awaiting: Vec::new(),
-                busy: false,
-                work: Vec::new(),
-                step_time: Nanos(0),
-                served: 0,
-            }
+            Mutex::new(Cell {
+                worker: Worker::new(Scheduler::new(cfg.engine.sched_config(&cap))),
+                load: WorkerLoad {
+                    id: i as u64,
+                    prefill_ns_per_token: w.profile.per_token.0.max(1),
+                    decode_ns_per_seq: w.profile.per_seq.0 + w.profile.per_token.0,
+                    price_nano_usd_per_hour: (w.usd_per_hour * 1e9) as u64,
+                    // As a worker reports it on /health; 1 = known, (nearly) empty.
+                    kv_permille: 1,
+                    ..WorkerLoad::default()
+                },
+            })
         })
         .collect();
+    // What the router sees of each worker: copied from a worker when the router is
+    // about to read it.
+    let mut loads: Vec<WorkerLoad> = cells.iter().map(|c| lock(c).load.clone()).collect();
     // The router's estimate of a worker's prefix cache holds no more than the largest
     // worker's KV could (it ages out the oldest blocks beyond that, as eviction would).
     let kv_blocks =
         cfg.workers.iter().map(|w| w.kv_tokens).max().unwrap_or(0) / u64::from(block_tokens);
     let mut router = Router::new(cfg.policy, kv_blocks as usize, u64::from(block_tokens));
     let mut lives = vec![Life::default(); trace.len()];
-    // Arrivals are read in time order from the trace (a stable sort, for traces that are
-    // not sorted); only step completions, at most one per worker, go through the heap. At
-    // equal times arrivals come first.
+    // Arrivals in time order (a stable sort, for traces that are not sorted).
     let mut arrivals: Vec<usize> = (0..trace.len()).collect();
     arrivals.sort_by_key(|&i| trace[i].arrival);
-    let mut arrivals = arrivals.into_iter().peekable();
-    let mut steps: BinaryHeap<Reverse<(Nanos, u64, usize)>> = BinaryHeap::new();
-    let mut seq = 0u64;
     let tenants: Vec<TenantId> = (0..=trace.iter().map(|r| r.tenant).max().unwrap_or(0))
         .map(|t| TenantId(format!("t{t}")))
         .collect();
-    let mut events_done = 0u64;
     // What the router and the engines are told; goodput is judged against `cfg.slo`.
     let admission_slo = if cfg.slo_admission {
         cfg.slo
     } else {
         Slo::default()
     };
-    let mut now = Nanos(0);
-    loop {
-        let next_step = steps.peek().map(|Reverse((t, _, _))| *t);
-        let (t, ev) = if let Some(i) =
-            arrivals.next_if(|&i| next_step.is_none_or(|s| trace[i].arrival <= s))
-        {
-            (trace[i].arrival, Event::Arrival(i))
-        } else if let Some(Reverse((t, _, w))) = steps.pop() {
-            (t, Event::StepDone(w))
-        } else {
-            break;
-        };
-        now = t;
-        events_done += 1;
-        let w = match ev {
-            Event::Arrival(i) => {
-                let r = &trace[i];
-                let blocks = block_hashes(r, i, cfg.seed, block_tokens);
-                let route = RouteRequest {
-                    blocks: &blocks,
-                    prompt_tokens: r.input_tokens,
-                    max_tokens: r.output_tokens.max(1),
-                    session: None,
-                    ttft_slo: admission_slo.ttft,
-                };
-                let Some(d) = router.route(&route, &loads) else {
-                    lives[i].rejected = true;
-                    continue;
-                };
-                router.record_sent(loads[d.chosen].id, &blocks);
-                let w = d.chosen;
-                let uncached = d
-                    .chosen_score()
-                    .map_or(r.input_tokens, |s| s.uncached_tokens);
-                let req = SchedRequest {
-                    id: RequestId(i as u64 + 1),
-                    tenant: tenants[r.tenant as usize].clone(),
-                    band: r.band,
-                    weight: 1,
-                    prompt: Tokens(r.input_tokens.max(1)),
-                    max_new: Tokens(r.output_tokens.max(1)),
-                    arrival: now,
-                    slo: admission_slo,
-                    block_hashes: blocks,
-                };
-                lives[i].worker = w;
-                match workers[w].sched.admit(now, req) {
-                    Ok(shed) => {
-                        let l = &mut loads[w];
-                        l.outstanding_requests += 1;
-                        l.queued_prefill_tokens += uncached;
-                        l.outstanding_decode_tokens += r.output_tokens.max(1);
-                        lives[i].uncached = uncached;
-                        let wk = &mut workers[w];
-                        wk.served += 1;
-                        for e in shed {
-                            end(&mut lives, &mut wk.awaiting, &mut loads[w], e, now, trace);
-                        }
-                    }
-                    Err(_) => lives[i].rejected = true,
-                }
-                w
+    let clock = Clock {
+        frontier: AtomicU64::new(0),
+        finished: AtomicBool::new(false),
+        due: Mutex::new(BinaryHeap::new()),
+    };
+    std::thread::scope(|s| {
+        if helper {
+            s.spawn(|| clock.keep_up(&cells, cfg, trace));
+        }
+        let finish = Finish(&clock);
+        for &i in &arrivals {
+            let r = &trace[i];
+            let now = r.arrival;
+            clock.frontier.store(now.0, Ordering::Release);
+            let blocks = block_hashes(r, i, cfg.seed, block_tokens);
+            let route = RouteRequest {
+                blocks: &blocks,
+                prompt_tokens: r.input_tokens,
+                max_tokens: r.output_tokens.max(1),
+                session: None,
+                ttft_slo: admission_slo.ttft,
+            };
+            let sample = router.sample(&route, &loads);
+            // The router reads its sample, or (`None`) every worker.
+            let everyone = if sample.is_some() {
+                0..0
+            } else {
+                0..cells.len()
+            };
+            for w in everyone.chain(sample.iter().flatten().copied()) {
+                let c = clock.advance(&cells[w], w, now, cfg, trace);
+                loads[w].clone_from(&c.load);
             }
-            Event::StepDone(w) => {
-                let wk = &mut workers[w];
-                let load = &mut loads[w];
-                let work = std::mem::take(&mut wk.work);
-                let mut result = StepResult {
-                    sampled: Vec::with_capacity(work.len()),
-                    elapsed: wk.step_time,
-                };
-                for x in work.iter().filter(|x| x.sample) {
-                    // Timing-model tokens never end a generation; the length limit does.
-                    result.sampled.push((x.id, false));
-                    if let Some(k) = wk.awaiting.iter().position(|(id, _)| *id == x.id) {
-                        let (_, uncached) = wk.awaiting.swap_remove(k);
-                        lives[(x.id.0 - 1) as usize].first = Some(now);
-                        load.queued_prefill_tokens =
-                            load.queued_prefill_tokens.saturating_sub(uncached);
-                    }
-                    load.outstanding_decode_tokens =
-                        load.outstanding_decode_tokens.saturating_sub(1);
-                }
-                wk.busy = false;
-                for e in wk.sched.complete(now, &result) {
-                    end(&mut lives, &mut wk.awaiting, load, e, now, trace);
-                }
-                // As the worker reports it on /health (at least 1: known).
-                let b = wk.sched.blocks();
-                load.kv_permille =
-                    (u64::from(b.used_count()) * 1000 / u64::from(b.total().max(1))).max(1) as u32;
-                w
+            let Some(d) = router.route_within(&route, &loads, sample) else {
+                lives[i].rejected = true;
+                continue;
+            };
+            router.record_sent(loads[d.chosen].id, &blocks);
+            let w = d.chosen;
+            let uncached = d
+                .chosen_score()
+                .map_or(r.input_tokens, |s| s.uncached_tokens);
+            let req = SchedRequest {
+                id: RequestId(i as u64 + 1),
+                tenant: tenants[r.tenant as usize].clone(),
+                band: r.band,
+                weight: 1,
+                prompt: Tokens(r.input_tokens.max(1)),
+                max_new: Tokens(r.output_tokens.max(1)),
+                arrival: now,
+                slo: admission_slo,
+                block_hashes: blocks,
+            };
+            lives[i].worker = w;
+            let mut c = lock(&cells[w]);
+            let c = &mut *c;
+            if !c.worker.admit(now, req, uncached, &mut c.load, trace) {
+                lives[i].rejected = true;
             }
-        };
-        if !workers[w].busy {
-            if let Some(done) =
-                start_step(&mut workers[w], now, &cfg.workers[w].profile, &mut lives)
-            {
-                steps.push(Reverse((done, seq, w)));
-                seq += 1;
-            }
+            let before = c.worker.done_at;
+            c.worker.kick(now, &cfg.workers[w].profile);
+            clock.moved(w, before, c.worker.done_at);
+            loads[w].clone_from(&c.load);
+        }
+        // Every step to the end, then the helper (if any) stops.
+        drop(finish);
+        if !helper {
+            clock.keep_up(&cells, cfg, trace);
+        }
+    });
+    let workers: Vec<Worker> = cells
+        .into_iter()
+        .map(|c| {
+            c.into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .worker
+        })
+        .collect();
+    let mut now = arrivals.last().map_or(Nanos(0), |&i| trace[i].arrival);
+    for wk in &workers {
+        now = now.max(wk.last);
+        for (i, l) in wk.lives() {
+            lives[i] = Life {
+                worker: lives[i].worker,
+                rejected: lives[i].rejected || l.rejected,
+                ..*l
+            };
         }
     }
     let mut r = report(trace, cfg, &lives, &workers, now);
-    r.events = events_done;
+    r.events = trace.len() as u64 + workers.iter().map(|w| w.steps).sum::<u64>();
     r
 }
 
-/// Plan the worker's next step; when it has work, the time the step ends.
-fn start_step(
-    w: &mut Worker,
-    now: Nanos,
-    profile: &StepProfile,
-    lives: &mut [Life],
-) -> Option<Nanos> {
-    // A plan may only release or trim (finished sequences, evictions): plan again.
-    for _ in 0..8 {
-        let plan = w.sched.plan(now);
-        if !plan.work.is_empty() {
-            // Sequences join the batch only with work in the same step.
-            for (id, _) in &plan.start {
-                let life = &mut lives[(id.0 - 1) as usize];
-                life.started.get_or_insert(now);
-                if life.first.is_none() && !w.awaiting.iter().any(|a| a.0 == *id) {
-                    w.awaiting.push((*id, life.uncached));
-                }
-            }
-            let kv: u64 = plan.work.iter().map(|w| w.pos + u64::from(w.n)).sum();
-            let t = profile.step_time(plan.tokens(), plan.work.len() as u64, kv);
-            w.step_time = t;
-            w.work = plan.work;
-            w.busy = true;
-            return Some(Nanos(now.0 + t.0.max(1)));
-        }
-        if plan.is_empty() {
-            return None;
-        }
-    }
-    None
+/// A worker and its load as the router would read it.
+struct Cell {
+    worker: Worker,
+    load: WorkerLoad,
 }
 
-fn end(
-    lives: &mut [Life],
-    awaiting: &mut Vec<(RequestId, u64)>,
-    l: &mut WorkerLoad,
-    e: Ended,
-    now: Nanos,
-    trace: &[TraceRequest],
-) {
-    let i = (e.id().0 - 1) as usize;
-    let life = &mut lives[i];
-    awaiting.retain(|a| a.0 != e.id());
-    match e {
-        Ended::Finished { generated, .. } => {
-            life.end = Some(now);
-            life.tokens = generated.0;
-        }
-        Ended::Shed { generated, .. } => {
-            life.rejected = true;
-            life.tokens = generated.0;
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How far the workers may go, and when their steps under way end.
+struct Clock {
+    /// Nanoseconds: steps ending before it may be completed (every arrival before it has
+    /// been admitted).
+    frontier: AtomicU64,
+    /// No arrival is left.
+    finished: AtomicBool,
+    /// (end of a worker's step under way, worker). An entry is current while it equals
+    /// the worker's `done_at`; others are stale and skipped.
+    due: Mutex<BinaryHeap<Reverse<(Nanos, usize)>>>,
+}
+
+/// Lets the helper finish and stop when dropped, also when the routing thread unwinds
+/// (the scope would otherwise wait for it forever).
+struct Finish<'a>(&'a Clock);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.frontier.store(u64::MAX, Ordering::Release);
+        self.0.finished.store(true, Ordering::Release);
+    }
+}
+
+impl Clock {
+    /// A worker's step end moved from `before` to `after`.
+    fn moved(&self, w: usize, before: Option<Nanos>, after: Option<Nanos>) {
+        if let Some(t) = after.filter(|_| after != before) {
+            lock(&self.due).push(Reverse((t, w)));
         }
     }
-    l.outstanding_requests = l.outstanding_requests.saturating_sub(1);
-    if life.first.is_none() {
-        l.queued_prefill_tokens = l.queued_prefill_tokens.saturating_sub(life.uncached);
+
+    /// Bring worker `w` up to `until` (every step ending before it completed).
+    fn advance<'a>(
+        &self,
+        cell: &'a Mutex<Cell>,
+        w: usize,
+        until: Nanos,
+        cfg: &SimConfig,
+        trace: &[TraceRequest],
+    ) -> MutexGuard<'a, Cell> {
+        let mut c = lock(cell);
+        let Cell { worker, load } = &mut *c;
+        let before = worker.done_at;
+        worker.advance(until, &cfg.workers[w].profile, load, trace);
+        self.moved(w, before, worker.done_at);
+        c
     }
-    let left = trace[i].output_tokens.max(1).saturating_sub(life.tokens);
-    l.outstanding_decode_tokens = l.outstanding_decode_tokens.saturating_sub(left);
+
+    /// Complete the earliest due steps up to the frontier, until the run is finished and
+    /// nothing is due. Spins while nothing is due: the simulation owns the machine.
+    fn keep_up(&self, cells: &[Mutex<Cell>], cfg: &SimConfig, trace: &[TraceRequest]) {
+        let mut idle = 0u32;
+        loop {
+            let finished = self.finished.load(Ordering::Acquire);
+            let frontier = Nanos(self.frontier.load(Ordering::Acquire));
+            let next = {
+                let mut due = lock(&self.due);
+                match due.peek() {
+                    Some(&Reverse((t, w))) if t < frontier => {
+                        due.pop();
+                        Some(w)
+                    }
+                    Some(_) => None,
+                    None if finished => return,
+                    None => None,
+                }
+            };
+            let Some(w) = next else {
+                idle += 1;
+                if idle < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
+            };
+            idle = 0;
+            // A stale entry (the worker was brought up meanwhile) costs a no-op.
+            drop(self.advance(&cells[w], w, frontier, cfg, trace));
+        }
+    }
 }
 
 /// Chain hashes of a request's prompt blocks (`block` tokens each, full blocks only), as
@@ -663,6 +652,33 @@ mod tests {
             serde_json::to_string(&b).expect("json"),
             "same trace, same seed: the same report"
         );
+    }
+
+    #[test]
+    fn the_helper_thread_changes_no_byte_of_the_report() {
+        // 100 workers: prefix-load and round-robin read a sample, dynamo-kv everyone.
+        // 400 requests 1 ms apart, so steps end between arrivals on many workers.
+        let t: Vec<TraceRequest> = (0..400u64)
+            .map(|i| TraceRequest {
+                arrival: Nanos::from_millis(i),
+                input_tokens: 256 + i % 7 * 64,
+                output_tokens: 8 + i % 5 * 8,
+                blocks: vec![i % 9 * 100, i % 9 * 100 + 1, 10_000 + i],
+                block_tokens: 128,
+                tenant: (i % 3) as u32,
+                band: Band::Standard,
+            })
+            .collect();
+        for policy in [Policy::PrefixLoad, Policy::RoundRobin, Policy::DynamoKv] {
+            let mut cfg = config(policy);
+            cfg.workers = vec![cfg.workers[0].clone(); 100];
+            let json = |r: &Report| serde_json::to_string(r).expect("json");
+            let alone = replay(&t, &cfg, false);
+            assert_eq!(alone.completed, 400, "{policy:?}");
+            for _ in 0..3 {
+                assert_eq!(json(&replay(&t, &cfg, true)), json(&alone), "{policy:?}");
+            }
+        }
     }
 
     #[test]

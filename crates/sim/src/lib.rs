@@ -13,6 +13,7 @@ mod executor;
 mod profile;
 mod tokenizer;
 pub mod trace;
+mod worker;
 
 pub use executor::ModelExecutor;
 pub use profile::{
