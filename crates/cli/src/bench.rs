@@ -104,6 +104,9 @@ pub struct Measured {
     /// The server's own count (`usage`), when it reported one.
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// Prompt tokens the server reused from its prefix cache
+    /// (`usage.prompt_tokens_details.cached_tokens`), when it reported them.
+    pub cached_tokens: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -458,7 +461,7 @@ async fn one(
         Err(e) => return record_error(samples, format!("connect: {}", short(&e))),
     };
     let mut stamps: Vec<Instant> = Vec::new();
-    let mut usage = (None, None);
+    let mut usage = (None, None, None);
     let mut buf = Vec::<u8>::new();
     let mut body = resp.bytes_stream();
     let mut done = false;
@@ -486,7 +489,11 @@ async fn one(
                 return record_error(samples, "error event".into());
             }
             if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                usage = (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64());
+                usage = (
+                    u["prompt_tokens"].as_u64(),
+                    u["completion_tokens"].as_u64(),
+                    u["prompt_tokens_details"]["cached_tokens"].as_u64(),
+                );
             }
             let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
             if !content.is_empty() {
@@ -526,6 +533,7 @@ async fn one(
             },
             prompt_tokens: usage.0,
             completion_tokens: usage.1,
+            cached_tokens: usage.2,
         });
     }
 }

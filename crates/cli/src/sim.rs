@@ -327,24 +327,29 @@ fn fidelity(
         r.output_tokens = r.output_tokens.clamp(1, u64::from(a.max_tokens));
     }
     let mut runs = Vec::with_capacity(a.repeat as usize);
+    // Each replay its own text, new to the server: a repeat — or another fidelity check
+    // against the same server — would otherwise hit the prefix cache an earlier replay
+    // filled, and measure a warm server against a cold simulation.
+    let salt: u64 = rand::random();
     for run in 1..=a.repeat {
         eprintln!(
             "replaying {} requests against {url} ({run} of {})",
             trace.len(),
             a.repeat
         );
-        // Each replay its own text: a repeat would otherwise hit the prefix cache the
-        // earlier replays filled, and measure a warm server against a cold simulation.
         runs.push(crate::bench::replay(
             url,
             &trace,
             a.max_tokens,
-            u64::from(run - 1),
+            salt.wrapping_add(u64::from(run)),
         )?);
     }
     // The workload as the server counted it in the first run: its tokenizer and chat
     // template decide the prompt length, the model's end token may stop a generation
-    // early.
+    // early, and the template's opening (a default system prompt) is the same in every
+    // prompt, so the server's prefix cache serves it to all but the first. (Modelled for
+    // traces whose prompts share nothing else; in one with shared blocks the opening
+    // would shift them, which trace blocks of one size cannot say.)
     for m in &runs[0] {
         let r = &mut trace[m.index];
         if let Some(p) = m.prompt_tokens {
@@ -352,6 +357,14 @@ fn fidelity(
         }
         if let Some(c) = m.completion_tokens {
             r.output_tokens = c.max(1);
+        }
+    }
+    let shared = template_prefix(&runs[0]);
+    if shared > 0 && trace.iter().all(|r| r.blocks.is_empty()) {
+        eprintln!("the server reused a {shared}-token prefix common to every prompt");
+        for r in &mut trace {
+            r.blocks = vec![TEMPLATE_BLOCK];
+            r.block_tokens = shared;
         }
     }
     let sim = simulate(
@@ -424,6 +437,22 @@ fn fidelity(
     Ok(())
 }
 
+/// The trace block standing for the prefix a server's chat template gives every prompt.
+const TEMPLATE_BLOCK: u64 = u64::MAX / 3;
+
+/// Prompt tokens the server reused for most requests of a replay whose prompts share no
+/// text (the median of the non-zero `cached_tokens`): what its chat template puts before
+/// every prompt, to the granularity of its prefix cache. 0 when nothing was reused.
+fn template_prefix(run: &[crate::bench::Measured]) -> u64 {
+    let mut cached: Vec<u64> = run
+        .iter()
+        .filter_map(|m| m.cached_tokens)
+        .filter(|&c| c > 0)
+        .collect();
+    cached.sort_unstable();
+    cached.get(cached.len() / 2).copied().unwrap_or(0)
+}
+
 /// Median and range of one percentile over repeated measured runs.
 #[derive(Debug, PartialEq)]
 struct Spread {
@@ -468,5 +497,25 @@ mod tests {
         );
         assert_eq!(Spread::of(vec![4.0, 2.0]).median, 3.0);
         assert_eq!(Spread::of(vec![7.0]).median, 7.0);
+    }
+
+    #[test]
+    fn the_template_prefix_is_what_most_requests_reused() {
+        let run = |cached: &[Option<u64>]| -> Vec<crate::bench::Measured> {
+            (cached.iter().enumerate())
+                .map(|(index, &cached_tokens)| crate::bench::Measured {
+                    index,
+                    ttft_ms: 1.0,
+                    tpot_ms: 1.0,
+                    prompt_tokens: Some(200),
+                    completion_tokens: Some(8),
+                    cached_tokens,
+                })
+                .collect()
+        };
+        // The first request is cold; one happened to share a word more.
+        let r = run(&[Some(0), Some(24), Some(24), Some(28), Some(24)]);
+        assert_eq!(super::template_prefix(&r), 24);
+        assert_eq!(super::template_prefix(&run(&[Some(0), None])), 0);
     }
 }

@@ -197,10 +197,7 @@ impl Router {
         candidates: &[WorkerLoad],
     ) -> Option<Vec<usize>> {
         let n = candidates.len();
-        if n <= FULL_SCAN
-            || !matches!(self.policy, Policy::PrefixLoad | Policy::RoundRobin)
-            || req.session.is_some()
-        {
+        if !self.samples(n) || req.session.is_some() {
             return None;
         }
         let start = self.cursor;
@@ -244,6 +241,12 @@ impl Router {
             }
         }
         Some(picked)
+    }
+
+    /// Whether decisions among `candidates` workers score a sample of them (requests
+    /// without a session; those with one read every worker).
+    pub fn samples(&self, candidates: usize) -> bool {
+        candidates > FULL_SCAN && matches!(self.policy, Policy::PrefixLoad | Policy::RoundRobin)
     }
 
     /// The decision of [`route`](Self::route) among `sample`, what

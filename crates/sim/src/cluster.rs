@@ -156,8 +156,10 @@ pub struct TimePoint {
 /// the clock — every step ending before the arrival being routed — while this one routes,
 /// bringing each worker the router reads (its sample, or everyone) the rest of the way.
 pub fn simulate(trace: &[TraceRequest], cfg: &SimConfig) -> Report {
-    let helper =
-        cfg.workers.len() > 1 && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    // Where the router reads every worker at each arrival, this thread brings them all
+    // up to it and a helper would only contend.
+    let helper = Router::new(cfg.policy, 1, 1).samples(cfg.workers.len())
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
     replay(trace, cfg, helper)
 }
 
