@@ -32,6 +32,9 @@ pub struct EngineConfig {
     pub target_step_ms: u32,
     /// Named tenants' shares of the KV cache.
     pub kv_shares: BTreeMap<TenantId, KvShare>,
+    /// A quiet tenant's short request starts in a step of its own
+    /// (`SchedConfig::isolate_quiet_starts`).
+    pub isolate_quiet_starts: bool,
 }
 
 /// A tenant's share of the KV cache, per mille of its blocks: a cap and a floor (see
@@ -53,6 +56,7 @@ impl Default for EngineConfig {
             max_waiting_tokens: 1 << 20,
             target_step_ms: 250,
             kv_shares: BTreeMap::new(),
+            isolate_quiet_starts: true,
         }
     }
 }
@@ -91,6 +95,7 @@ impl EngineConfig {
                 .collect(),
             adopt_cached_slots: cap.stream_per_slot,
             min_prefill_piece: cap.fast_prefill_rows.clamp(1, cap.max_batch_tokens.max(1)),
+            isolate_quiet_starts: self.isolate_quiet_starts,
         }
     }
 }

@@ -36,6 +36,7 @@ pub struct EngineMetrics {
     prefix_queries: IntCounter,
     prefix_hits: IntCounter,
     evictions: IntCounter,
+    quiet_starts: IntCounter,
     cached_seqs: IntGauge,
     /// The scheduler's counters at the last publish, to turn them into increments.
     last: std::sync::Arc<std::sync::Mutex<SchedStats>>,
@@ -140,6 +141,10 @@ impl EngineMetrics {
                 "tokenfab_engine_prefix_cache_evictions_total",
                 "Prefix-cache entries evicted to make room.",
             ))?,
+            quiet_starts: IntCounter::with_opts(opts(
+                "tokenfab_engine_quiet_starts_total",
+                "Steps that started a quiet tenant's request with busier tenants' work held.",
+            ))?,
             cached_seqs: IntGauge::with_opts(opts(
                 "tokenfab_engine_prefix_cache_entries",
                 "Finished sequences kept for their cached prefixes.",
@@ -166,6 +171,7 @@ impl EngineMetrics {
         registry.register(Box::new(m.prefix_queries.clone()))?;
         registry.register(Box::new(m.prefix_hits.clone()))?;
         registry.register(Box::new(m.evictions.clone()))?;
+        registry.register(Box::new(m.quiet_starts.clone()))?;
         registry.register(Box::new(m.cached_seqs.clone()))?;
         Ok(m)
     }
@@ -198,6 +204,8 @@ impl EngineMetrics {
             );
             self.evictions
                 .inc_by(stats.evictions.saturating_sub(last.evictions));
+            self.quiet_starts
+                .inc_by(stats.quiet_starts.saturating_sub(last.quiet_starts));
             *last = stats.clone();
         }
     }

@@ -17,6 +17,7 @@ mod quota;
 mod request;
 pub mod route;
 mod scheduler;
+mod share;
 mod step;
 mod timing;
 

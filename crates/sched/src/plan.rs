@@ -119,72 +119,11 @@ impl Scheduler {
 
     /// Preempt by recomputation: free the sequence's KV and requeue it with what it has
     /// generated so far, to be prefilled again.
-    fn preempt(&mut self, i: usize) {
+    pub(crate) fn preempt(&mut self, i: usize) {
         let r = self.running.swap_remove(i);
         self.free_running(&r);
         self.stats.preemptions += 1;
         self.queue.push(r.req, r.owner, Tokens(r.generated), 0);
-    }
-
-    /// When the running batch is full and the next request by policy is owed a place,
-    /// preempt one running sequence (the cheapest to recompute) to make it: a sequence of
-    /// a lower band than the waiting request, or — within its band — one of a tenant above
-    /// its weighted share of the batch while the waiting request's tenant is below its own.
-    /// Without this a tenant that fills the batch keeps every slot until its requests
-    /// finish, and another tenant's first token waits for them (noisy neighbour).
-    fn preempt_for_fair_share(&mut self) {
-        let full = self.cfg.max_running as usize;
-        if self.running.len() < full {
-            return;
-        }
-        let Some(next) = self.queue.peek(&self.fair) else {
-            return;
-        };
-        let (band, tenant, weight) = (next.req.band, next.owner, next.req.weight);
-        let cheapest = |s: &Self, pick: &dyn Fn(&Running) -> bool| {
-            (0..s.running.len())
-                .filter(|&i| pick(&s.running[i]))
-                .min_by_key(|&i| s.running[i].recompute_order())
-        };
-        let victim = if let Some(lowest) = self.running.iter().map(|r| r.req.band).max() {
-            if lowest > band {
-                cheapest(self, &|r: &Running| r.req.band == lowest)
-            } else {
-                // Weighted shares of the batch among the tenants of this band.
-                let mut tenants: Vec<(u32, u64, usize)> = Vec::new();
-                for r in self.running.iter().filter(|r| r.req.band == band) {
-                    match tenants.iter_mut().find(|t| t.0 == r.owner) {
-                        Some(t) => t.2 += 1,
-                        None => tenants.push((r.owner, u64::from(r.req.weight.max(1)), 1)),
-                    }
-                }
-                if !tenants.iter().any(|t| t.0 == tenant) {
-                    tenants.push((tenant, u64::from(weight.max(1)), 0));
-                }
-                let total: u64 = tenants.iter().map(|t| t.1).sum();
-                // count < full × w / W, compared without division.
-                let below = |count: usize, w: u64| (count as u64) * total < full as u64 * w;
-                let above = |count: usize, w: u64| (count as u64) * total > full as u64 * w;
-                let mine = tenants.iter().find(|t| t.0 == tenant).map_or(0, |t| t.2);
-                let over: Vec<u32> = tenants
-                    .iter()
-                    .filter(|t| t.0 != tenant && above(t.2, t.1))
-                    .map(|t| t.0)
-                    .collect();
-                if below(mine, u64::from(weight.max(1))) && !over.is_empty() {
-                    cheapest(self, &|r: &Running| {
-                        r.req.band == band && over.contains(&r.owner)
-                    })
-                } else {
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        if let Some(v) = victim {
-            self.preempt(v);
-        }
     }
 
     /// Plan the next step.
@@ -192,49 +131,15 @@ impl Scheduler {
         debug_assert!(self.inflight.is_empty(), "plan while a step is in flight");
         self.now = self.now.max(now);
         self.preempt_for_fair_share();
-        let max_budget = u64::from(self.cfg.max_step_tokens);
-        let mut budget = max_budget;
         let mut work: Vec<Work> = Vec::new();
         for r in &mut self.running {
             r.planned = false;
         }
 
-        // 1. Decodes, in admission order. When KV runs out: evict cache entries, then
-        //    preempt the victim.
-        let mut i = 0;
-        while i < self.running.len() {
-            let r = &self.running[i];
-            if r.planned || r.computed == 0 || r.remaining_prefill() != 1 || budget == 0 {
-                i += 1;
-                continue;
-            }
-            let tokens = r.computed + 1;
-            if self.reserve(i, tokens, &[]) {
-                let r = &mut self.running[i];
-                r.planned = true;
-                work.push(Work {
-                    id: r.req.id,
-                    slot: r.slot,
-                    pos: r.computed,
-                    n: 1,
-                    sample: true,
-                });
-                budget -= 1;
-                i += 1;
-                continue;
-            }
-            let Some(v) = self.victim(Some(self.running[i].owner)) else {
-                // Nothing this sequence may displace: it waits for a later step.
-                i += 1;
-                continue;
-            };
-            let victim_id = self.running[v].req.id;
-            work.retain(|w| w.id != victim_id);
-            self.preempt(v);
-            // Indices shifted (swap_remove): restart the walk; planned ones are skipped.
-            budget = max_budget - work.len() as u64;
-            i = 0;
-        }
+        // 1. Decodes, in admission order; not those of tenants that wait one step for a
+        //    quiet tenant's first token (`quiet_start`).
+        let quiet = self.quiet_start();
+        self.plan_decodes(&mut work, quiet.as_ref().map_or(&[], |q| &q.held), true);
 
         // Give prefill the time the measured step times leave within the target step:
         // streams decoding get their next token on time, and with nothing decoding, a
@@ -242,7 +147,7 @@ impl Scheduler {
         // Until the model has seen enough steps, the token budget alone limits prefill.
         let decodes = work.len();
         let mut budget = StepBudget {
-            tokens: budget,
+            tokens: self.tokens_left(&work),
             secs: None,
             floor: 0,
         };
@@ -251,6 +156,7 @@ impl Scheduler {
         // no prefill at all, the others start rather than leave it empty.
         let mut adm = Admission {
             lead: self.prefill_lead(),
+            held: quiet.as_ref().map(|q| q.held.clone()).unwrap_or_default(),
             ..Admission::default()
         };
         // The step's prompts go to a tenant while a less-served one is active (decoding,
@@ -280,6 +186,25 @@ impl Scheduler {
             adm.lead = None;
             self.plan_prefill(&mut budget, &mut work, &mut adm);
         }
+        // The quiet tenant's request got no work after all (it could not start, or its
+        // next piece found no room): the held work runs.
+        if let Some(q) = &quiet {
+            if let Some(r) = self
+                .running
+                .iter_mut()
+                .find(|r| r.req.id == q.id && r.planned)
+            {
+                if q.waiting {
+                    r.quiet_until = r.known;
+                    self.stats.quiet_starts += 1;
+                }
+            } else {
+                adm.held.clear();
+                self.plan_decodes(&mut work, &[], false);
+                budget.tokens = self.tokens_left(&work);
+                self.plan_prefill(&mut budget, &mut work, &mut adm);
+            }
+        }
 
         // Sequences hold blocks but none can advance (all prefilling, pool exhausted):
         // preempt one so the others make progress, and plan again.
@@ -299,6 +224,60 @@ impl Scheduler {
         plan.copies = adm.copies;
         plan.work = work;
         plan
+    }
+
+    /// Pass 1 of [`plan`](Self::plan): the next token of every running sequence whose
+    /// prompt is computed, but those in `held` (sorted). When KV runs out: evict cache
+    /// entries, then, if `preempt` (before any sequence starts in this step), preempt
+    /// the victim; else the sequence waits for a later step.
+    fn plan_decodes(&mut self, work: &mut Vec<Work>, held: &[RequestId], preempt: bool) {
+        let mut budget = self.tokens_left(work);
+        let mut i = 0;
+        while i < self.running.len() {
+            let r = &self.running[i];
+            if r.planned
+                || r.computed == 0
+                || r.remaining_prefill() != 1
+                || budget == 0
+                || held.binary_search(&r.req.id).is_ok()
+            {
+                i += 1;
+                continue;
+            }
+            let tokens = r.computed + 1;
+            if self.reserve(i, tokens, &[]) {
+                let r = &mut self.running[i];
+                r.planned = true;
+                work.push(Work {
+                    id: r.req.id,
+                    slot: r.slot,
+                    pos: r.computed,
+                    n: 1,
+                    sample: true,
+                });
+                budget -= 1;
+                i += 1;
+                continue;
+            }
+            let victim = preempt.then(|| self.victim(Some(self.running[i].owner)));
+            let Some(v) = victim.flatten() else {
+                // Nothing this sequence may displace: it waits for a later step.
+                i += 1;
+                continue;
+            };
+            let victim_id = self.running[v].req.id;
+            work.retain(|w| w.id != victim_id);
+            self.preempt(v);
+            // Indices shifted (swap_remove): restart the walk; planned ones are skipped.
+            budget = self.tokens_left(work);
+            i = 0;
+        }
+    }
+
+    /// The step's token budget less what `work` already takes.
+    fn tokens_left(&self, work: &[Work]) -> u64 {
+        let used: u64 = work.iter().map(|w| u64::from(w.n)).sum();
+        u64::from(self.cfg.max_step_tokens).saturating_sub(used)
     }
 
     /// How many target step times a step with `decodes` streams decoding may take, so
@@ -350,7 +329,10 @@ impl Scheduler {
         // 4. Prefill chunks of running sequences, least left to compute first (then the
         //    oldest): a chat's last chunk is not held behind a long prompt's next one.
         let mut order: Vec<usize> = (0..self.running.len())
-            .filter(|&i| !self.running[i].planned && self.running[i].remaining_prefill() > 0)
+            .filter(|&i| {
+                let r = &self.running[i];
+                !r.planned && r.remaining_prefill() > 0 && !adm.holds(r.req.id)
+            })
             .collect();
         order.sort_by_key(|&i| self.running[i].remaining_prefill());
         for i in order {
@@ -549,6 +531,7 @@ impl Scheduler {
                 slot,
                 blocks,
                 computed: reused,
+                quiet_until: 0,
                 known,
                 generated: generated.0,
                 cached: reused,
@@ -620,6 +603,14 @@ struct Admission {
     lead: Option<Lead>,
     /// Whether another tenant's request was held back for the lead's.
     deferred: std::cell::Cell<bool>,
+    /// Running sequences with no work in this step (sorted; `Scheduler::quiet_start`).
+    held: Vec<RequestId>,
+}
+
+impl Admission {
+    fn holds(&self, id: RequestId) -> bool {
+        self.held.binary_search(&id).is_ok()
+    }
 }
 
 /// The tenant a step's prefill goes to, and its place in the queue's order.

@@ -55,6 +55,12 @@ pub struct SchedConfig {
     /// to the prefix) instead of copying the whole stream, and running sequences keep to
     /// few consecutive slots, which the executor batches together.
     pub adopt_cached_slots: bool,
+    /// A short request of a tenant that is the least served (VTC) and runs less than
+    /// half its weighted share of the batch gets steps of its own until its first token:
+    /// the work of tenants above their share (and of lower bands) waits those steps
+    /// (`Scheduler::quiet_start`). Buys a quiet tenant's first token freedom from a
+    /// flood's batch, at one longer gap between the flood's tokens per such start.
+    pub isolate_quiet_starts: bool,
 }
 
 impl Default for SchedConfig {
@@ -74,6 +80,7 @@ impl Default for SchedConfig {
             target_step: Some(Nanos::from_millis(250)),
             kv_quotas: BTreeMap::new(),
             adopt_cached_slots: false,
+            isolate_quiet_starts: true,
         }
     }
 }
@@ -122,6 +129,9 @@ pub struct SchedStats {
     pub prefix_hit_tokens: u64,
     /// Prefix-cache entries evicted.
     pub evictions: u64,
+    /// Steps that started a quiet tenant's request with busier tenants' work held
+    /// (`SchedConfig::isolate_quiet_starts`).
+    pub quiet_starts: u64,
 }
 
 /// Gauges: the state at this instant, for metrics and routing.
@@ -155,6 +165,9 @@ pub(crate) struct Running {
     pub charged_prompt: u64,
     /// Has work in the plan being built (so planning stays linear in the batch).
     pub planned: bool,
+    /// Started alone for a quiet tenant (`Scheduler::quiet_start`): until `computed`
+    /// reaches this, the tenants it was started apart from wait. 0: not so started.
+    pub quiet_until: u64,
 }
 
 impl Running {

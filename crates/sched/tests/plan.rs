@@ -215,7 +215,7 @@ fn a_quiet_tenant_back_next_to_a_flood_starts_first_and_alone() {
     settle(&mut h);
     let mut waiting_b: Vec<(RequestId, u64)> = Vec::new();
     let mut waits = Vec::new();
-    let mut b_starts = 0;
+    let mut b_starts = 0; // B's requests started
     for step in 0..300u64 {
         flood_and_trickle(&mut h, step > 2, step, &mut waiting_b);
         let queued: Vec<RequestId> = (h.live.iter())
@@ -228,17 +228,75 @@ fn a_quiet_tenant_back_next_to_a_flood_starts_first_and_alone() {
             .map(|id| h.tenant_of[id].as_str())
             .collect();
         if started.contains(&"b") {
-            b_starts += 1;
+            b_starts += started.iter().filter(|t| **t == "b").count();
             assert!(!started.contains(&"a"), "step {step} started {started:?}");
         }
         placed(&h, step, &mut waiting_b, &mut waits);
     }
     assert!(
         b_starts >= 10,
-        "B was served: {b_starts} steps started its requests"
+        "B was served: {b_starts} of its requests started"
     );
     assert!(waits.iter().all(|w| *w <= 2), "B waited {waits:?} steps");
     assert_eq!(h.s.check_invariants(), Ok(()));
+}
+
+/// Tenant A floods (20 requests in flight), tenant B keeps 2 short requests in flight.
+/// With `isolate_quiet_starts`, a step that starts one of B's requests computes nothing
+/// of A's, nor does the step that computes the rest of its prompt, so B's first token
+/// does not wait for A's decodes; A loses only those steps. Without it, B's requests
+/// start beside A's decodes.
+#[test]
+fn a_quiet_tenants_request_starts_in_a_step_without_the_floods_streams() {
+    for isolate in [true, false] {
+        let mut cfg = flood_config();
+        cfg.isolate_quiet_starts = isolate;
+        let mut h = Harness::new(cfg);
+        let (mut b_starts, mut beside_a, mut a_steps) = (0, 0, 0);
+        let (mut waiting_b, mut waits) = (Vec::new(), Vec::new());
+        let steps = 400u64;
+        for step in 0..steps {
+            flood_and_trickle(&mut h, step >= 20, step, &mut waiting_b);
+            let queued_b: Vec<RequestId> = (h.live.iter())
+                .filter(|id| h.tenant_of[*id] == "b" && !h.s.is_running(**id))
+                .copied()
+                .collect();
+            let done = h.step(0);
+            let a_worked = done.iter().any(|(id, _, _)| h.tenant_of[id] == "a");
+            a_steps += u32::from(a_worked);
+            if queued_b
+                .iter()
+                .any(|id| h.s.is_running(*id) || !h.live.contains(id))
+            {
+                b_starts += 1;
+                beside_a += u32::from(a_worked);
+            }
+            placed(&h, step, &mut waiting_b, &mut waits);
+        }
+        assert!(
+            waits.len() >= 20,
+            "isolate {isolate}: B was served {waits:?}"
+        );
+        assert!(
+            b_starts >= 10,
+            "isolate {isolate}: {b_starts} steps started B"
+        );
+        assert!(waits.iter().all(|w| *w <= 2), "B waited {waits:?} steps");
+        if isolate {
+            assert_eq!(beside_a, 0, "B started beside A's work");
+            // A waits for a start's step and for the one computing its prompt's tail.
+            assert!(
+                steps as u32 - a_steps <= 2 * b_starts,
+                "A worked in {a_steps} of {steps} steps, B started in {b_starts}"
+            );
+        } else {
+            assert!(
+                beside_a >= b_starts - 1,
+                "{beside_a} of {b_starts} beside A"
+            );
+        }
+        assert_eq!(h.s.check_invariants(), Ok(()));
+    }
 }
 
 /// Run until nothing is waiting or running.

@@ -26,6 +26,7 @@ pub fn config() -> SchedConfig {
         kv_quotas: BTreeMap::new(),
         adopt_cached_slots: false,
         min_prefill_piece: 1,
+        isolate_quiet_starts: true,
     }
 }
 
