@@ -136,8 +136,8 @@ impl Scheduler {
             r.planned = false;
         }
 
-        // 1. Decodes, in admission order; not those of tenants that wait one step for a
-        //    quiet tenant's first token (`quiet_start`).
+        // 1. Decodes, in admission order; not those held until a quiet tenant's request
+        //    has its first token (`quiet_start`).
         let quiet = self.quiet_start();
         self.plan_decodes(&mut work, quiet.as_ref().map_or(&[], |q| &q.held), true);
 
