@@ -127,9 +127,9 @@ impl Scheduler {
     /// On a CPU a step's time grows with every sequence it decodes (2 cores: ~15 ms at
     /// one, ~144 ms at sixteen), so a quiet tenant's prompt computed beside a flood's
     /// twenty decodes waits for all of them: its TTFT was 2.5–2.8× its figure alone
-    /// (`scripts/bench-noisy`). The flood's streams pay one longer gap per such start,
-    /// which the fairness counters bound: the quiet tenant stops being least served as
-    /// soon as its prompts have cost what the flood's service did.
+    /// (`scripts/bench-noisy`). The flood's streams pay the steps of each such start
+    /// (two for most chats), which the fairness counters bound: the quiet tenant stops
+    /// being least served as soon as its prompts have cost what the flood's service did.
     pub(crate) fn quiet_start(&self) -> Option<QuietStart> {
         if !self.cfg.isolate_quiet_starts || self.fair.tenants() < 2 {
             return None;
