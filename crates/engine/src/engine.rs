@@ -32,7 +32,7 @@ pub struct EngineConfig {
     pub target_step_ms: u32,
     /// Named tenants' shares of the KV cache.
     pub kv_shares: BTreeMap<TenantId, KvShare>,
-    /// A quiet tenant's short request starts in a step of its own
+    /// A quiet tenant's short request gets steps of its own until its first token
     /// (`SchedConfig::isolate_quiet_starts`).
     pub isolate_quiet_starts: bool,
 }

@@ -59,7 +59,7 @@ pub struct SchedConfig {
     /// half its weighted share of the batch gets steps of its own until its first token:
     /// the work of tenants above their share (and of lower bands) waits those steps
     /// (`Scheduler::quiet_start`). Buys a quiet tenant's first token freedom from a
-    /// flood's batch, at one longer gap between the flood's tokens per such start.
+    /// flood's batch, at the flood's streams waiting those steps (two for most chats).
     pub isolate_quiet_starts: bool,
 }
 
