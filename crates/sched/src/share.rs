@@ -44,6 +44,11 @@ impl BatchShares {
             .is_some_and(|t| (t.2 + more) as u64 * self.total_weight * den < places as u64 * t.1)
     }
 
+    /// Sequences the band's tenants run.
+    fn running(&self) -> usize {
+        self.tenants.iter().map(|t| t.2).sum()
+    }
+
     /// The tenants other than `owner` running more than their weighted share of `places`.
     fn above(&self, owner: u32, places: usize) -> Vec<u32> {
         (self.tenants.iter())
@@ -88,18 +93,26 @@ impl Scheduler {
             let Some(lowest) = self.running.iter().map(|r| r.req.band).max() else {
                 return;
             };
-            let pick: Box<dyn Fn(&Running) -> bool> = if lowest > band {
-                Box::new(move |r: &Running| r.req.band == lowest)
+            // None: any sequence of the lowest band; else those of the tenants above
+            // their share in the waiting request's band.
+            let over = if lowest > band {
+                None
             } else {
                 let shares = BatchShares::of(&self.running, band, (tenant, weight));
                 let over = shares.above(tenant, full);
                 if !shares.below(tenant, made, full, 1) || over.is_empty() {
                     return;
                 }
-                Box::new(move |r: &Running| r.req.band == band && over.contains(&r.owner))
+                Some(over)
             };
             let victim = (0..self.running.len())
-                .filter(|&i| pick(&self.running[i]))
+                .filter(|&i| {
+                    let r = &self.running[i];
+                    match &over {
+                        None => r.req.band == lowest,
+                        Some(over) => r.req.band == band && over.contains(&r.owner),
+                    }
+                })
                 .min_by_key(|&i| self.running[i].recompute_order());
             let Some(v) = victim else {
                 return;
@@ -139,9 +152,8 @@ impl Scheduler {
         // first token, or it would wait for the flood's step after all.
         if let Some(r) = self.running.iter().find(|r| r.computed < r.quiet_until) {
             let (band, owner) = (r.req.band, r.owner);
-            let places = self.running.iter().filter(|r| r.req.band == band).count();
-            let over =
-                BatchShares::of(&self.running, band, (owner, r.req.weight)).above(owner, places);
+            let shares = BatchShares::of(&self.running, band, (owner, r.req.weight));
+            let over = shares.above(owner, shares.running());
             return self.holding(band, &over).map(|held| QuietStart {
                 id: r.req.id,
                 waiting: false,
@@ -156,8 +168,9 @@ impl Scheduler {
         if !short || !least {
             return None;
         }
-        let places = self.running.iter().filter(|r| r.req.band == band).count() + 1;
         let shares = BatchShares::of(&self.running, band, (owner, next.req.weight));
+        // Its place included.
+        let places = shares.running() + 1;
         if !shares.below(owner, 0, places, 2) {
             return None;
         }
