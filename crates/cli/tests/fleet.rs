@@ -38,6 +38,18 @@ async fn gateway(dir: &Path, workers: &[(&str, u16)], fleet: &str, worker: &str)
     .await
 }
 
+/// Request `i` of a group whose requests share the system prompt `system`.
+fn group_request(system: &str, i: usize) -> Value {
+    json!({
+        "model": "mock",
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": format!("question {i}")},
+        ],
+        "max_tokens": 4,
+    })
+}
+
 fn body(content: &str, max_tokens: u64, stream: bool) -> Value {
     json!({
         "model": "mock",
@@ -250,8 +262,7 @@ async fn requests_sharing_a_prefix_stay_on_one_worker_while_load_stays_balanced(
     )
     .await;
 
-    // 8 groups, each with its own ~2 KB system prompt; 12 requests per group, interleaved,
-    // 8 in flight at a time.
+    // 8 groups, each with its own ~2 KB system prompt, 12 requests per group.
     const GROUPS: usize = 8;
     const PER_GROUP: usize = 12;
     let system = |g: usize| -> String {
@@ -260,28 +271,39 @@ async fn requests_sharing_a_prefix_stay_on_one_worker_while_load_stays_balanced(
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let queue: Vec<(usize, usize)> = (0..PER_GROUP)
+    let prompts: std::sync::Arc<Vec<String>> =
+        std::sync::Arc::new((0..GROUPS).map(system).collect());
+    // Placement: every group's first request at once, all cold, so the router spreads
+    // them by load. (Cold prompts arriving while others run are a TTFT trade-off the
+    // router may settle either way depending on how fast each worker is at that moment —
+    // on a loaded 2-core CI machine a starved worker once lost three groups that way.
+    // What this test claims is the steady state that follows.)
+    let first = futures::future::join_all((0..GROUPS).map(|g| {
+        let (url, b) = (gw.url.clone(), group_request(&prompts[g], 0));
+        async move { (g, ask(&url, &b).await) }
+    }))
+    .await;
+    let mut seen_first = Vec::new();
+    for (g, r) in first {
+        assert_eq!(r.status, 200, "{r:?}");
+        seen_first.push((g, r.worker));
+    }
+    // Steady state: the other 11 of each group, interleaved, 8 in flight at a time. Each
+    // group's prefix is cached on one worker, so a move would cost a cold prefill that no
+    // queue of cached requests comes near: every request should stay with its group.
+    let queue: Vec<(usize, usize)> = (1..PER_GROUP)
         .flat_map(|i| (0..GROUPS).map(move |g| (g, i)))
         .collect();
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(queue.into_iter()));
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (queue, url) = (queue.clone(), gw.url.clone());
-        let prompts: Vec<String> = (0..GROUPS).map(system).collect();
+        let (queue, url, prompts) = (queue.clone(), gw.url.clone(), prompts.clone());
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             loop {
                 let next = queue.lock().await.next();
                 let Some((g, i)) = next else { break };
-                let b = json!({
-                    "model": "mock",
-                    "messages": [
-                        {"role": "system", "content": prompts[g]},
-                        {"role": "user", "content": format!("question {i}")},
-                    ],
-                    "max_tokens": 4,
-                });
-                let r = ask(&url, &b).await;
+                let r = ask(&url, &group_request(&prompts[g], i)).await;
                 assert_eq!(r.status, 200, "{r:?}");
                 seen.push((g, r.worker));
             }
@@ -290,11 +312,13 @@ async fn requests_sharing_a_prefix_stay_on_one_worker_while_load_stays_balanced(
     }
     let mut by_group: HashMap<usize, HashMap<String, usize>> = HashMap::new();
     let mut by_worker: HashMap<String, usize> = HashMap::new();
+    let mut seen = seen_first;
     for t in tasks {
-        for (g, w) in t.await.expect("task") {
-            *by_group.entry(g).or_default().entry(w.clone()).or_default() += 1;
-            *by_worker.entry(w).or_default() += 1;
-        }
+        seen.extend(t.await.expect("task"));
+    }
+    for (g, w) in seen {
+        *by_group.entry(g).or_default().entry(w.clone()).or_default() += 1;
+        *by_worker.entry(w).or_default() += 1;
     }
     let mut same = 0;
     for counts in by_group.values() {
@@ -304,7 +328,7 @@ async fn requests_sharing_a_prefix_stay_on_one_worker_while_load_stays_balanced(
     let share = same as f64 / total as f64;
     eprintln!("on the group's usual worker: {share:.3}; per worker: {by_worker:?}");
     assert!(
-        share >= 0.9,
+        share >= 0.95,
         "requests on their group's usual worker: {share:.2} ({by_group:?})"
     );
     let mean = total as f64 / 3.0;
