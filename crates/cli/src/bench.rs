@@ -65,6 +65,12 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write every request as the client saw it to FILE, one JSON object per line
+    /// in request order: `index`, `class`, `sent_ms` (from the start of the run), then
+    /// `ttft_ms`, `e2e_ms`, `tpot_ms`, `max_itl_ms` and the server's token counts, or
+    /// `error`. For finding which requests make a tail, and when they were sent.
+    #[arg(long, value_name = "FILE")]
+    samples: Option<std::path::PathBuf>,
 }
 
 const WORDS: &[&str] = &[
@@ -91,14 +97,35 @@ struct Samples {
     empty: u64,
     errors: BTreeMap<String, u64>,
     requests: Vec<Measured>,
+    /// Requests that failed or produced no content token, for `--samples`.
+    others: Vec<Other>,
+}
+
+/// A request without a first token: it failed (`error`), or the model ended at once.
+#[derive(Serialize)]
+struct Other {
+    index: usize,
+    class: &'static str,
+    sent_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    e2e_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// One request as the client saw it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize)]
 pub struct Measured {
     /// Position of the request in the trace or job list.
     pub index: usize,
+    /// `chat`, `long` or `trace`.
+    pub class: &'static str,
+    /// When it was sent, from the start of the run.
+    pub sent_ms: f64,
     pub ttft_ms: f64,
+    pub e2e_ms: f64,
+    /// The longest gap between two content pieces.
+    pub max_itl_ms: f64,
     /// Mean time per output token after the first.
     pub tpot_ms: f64,
     /// The server's own count (`usage`), when it reported one.
@@ -201,6 +228,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         None => make_jobs(&args, &model),
     };
     let requests = jobs.len();
+    // Created before any load is sent, so a path that cannot be written fails at once.
+    let samples_file =
+        match &args.samples {
+            Some(path) => Some(std::fs::File::create(path).map_err(|e| {
+                anyhow::anyhow!("--samples {}: cannot create it: {e}", path.display())
+            })?),
+            None => None,
+        };
     let drive = Drive {
         client,
         url: url.clone(),
@@ -211,6 +246,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         progress: !args.json,
     };
     let (mut s, wall) = drive.run(jobs).await?;
+    if let Some(file) = samples_file {
+        write_samples(file, &s)?;
+    }
     let report = Report {
         url,
         model,
@@ -229,6 +267,26 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         print_table(&report);
     }
+    Ok(())
+}
+
+/// One JSON line per request, in request order.
+fn write_samples(file: std::fs::File, s: &Samples) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut rows: Vec<(usize, serde_json::Value)> = Vec::with_capacity(s.requests.len());
+    for m in &s.requests {
+        rows.push((m.index, serde_json::to_value(m)?));
+    }
+    for o in &s.others {
+        rows.push((o.index, serde_json::to_value(o)?));
+    }
+    rows.sort_by_key(|(i, _)| *i);
+    let mut w = std::io::BufWriter::new(file);
+    for (_, row) in rows {
+        serde_json::to_writer(&mut w, &row)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
     Ok(())
 }
 
@@ -281,7 +339,7 @@ impl Drive {
                 pb.clone(),
             );
             tasks.push(tokio::spawn(async move {
-                one(&client, &url, headers, job, &samples).await;
+                one(&client, &url, headers, job, t0, &samples).await;
                 pb.inc(1);
                 drop(permit);
             }));
@@ -435,9 +493,16 @@ async fn first_model(
         .ok_or_else(|| anyhow::anyhow!("{url}/v1/models lists no model; pass --model"))
 }
 
-fn record_error(samples: &Mutex<Samples>, kind: String) {
+fn record_error(samples: &Mutex<Samples>, job: (usize, &'static str, f64), kind: String) {
     if let Ok(mut s) = samples.lock() {
-        *s.errors.entry(kind).or_insert(0) += 1;
+        *s.errors.entry(kind.clone()).or_insert(0) += 1;
+        s.others.push(Other {
+            index: job.0,
+            class: job.1,
+            sent_ms: job.2,
+            e2e_ms: None,
+            error: Some(kind),
+        });
     }
 }
 
@@ -446,9 +511,12 @@ async fn one(
     url: &str,
     headers: reqwest::header::HeaderMap,
     job: Job,
+    start: Instant,
     samples: &Mutex<Samples>,
 ) {
     let t0 = Instant::now();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let who = (job.index, job.tag, ms(t0 - start));
     let resp = client
         .post(format!("{url}/v1/chat/completions"))
         .headers(headers)
@@ -457,8 +525,8 @@ async fn one(
         .await;
     let resp = match resp {
         Ok(r) if r.status().is_success() => r,
-        Ok(r) => return record_error(samples, format!("http {}", r.status().as_u16())),
-        Err(e) => return record_error(samples, format!("connect: {}", short(&e))),
+        Ok(r) => return record_error(samples, who, format!("http {}", r.status().as_u16())),
+        Err(e) => return record_error(samples, who, format!("connect: {}", short(&e))),
     };
     let mut stamps: Vec<Instant> = Vec::new();
     let mut usage = (None, None, None);
@@ -468,7 +536,7 @@ async fn one(
     while let Some(chunk) = body.next().await {
         let chunk = match chunk {
             Ok(c) => c,
-            Err(e) => return record_error(samples, format!("stream: {}", short(&e))),
+            Err(e) => return record_error(samples, who, format!("stream: {}", short(&e))),
         };
         buf.extend_from_slice(&chunk);
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
@@ -486,7 +554,7 @@ async fn one(
                 continue;
             };
             if v.get("error").is_some() {
-                return record_error(samples, "error event".into());
+                return record_error(samples, who, "error event".into());
             }
             if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                 usage = (
@@ -503,21 +571,28 @@ async fn one(
     }
     let end = Instant::now();
     if !done {
-        return record_error(samples, "stream ended without [DONE]".into());
+        return record_error(samples, who, "stream ended without [DONE]".into());
     }
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let Some(first) = stamps.first() else {
         if let Ok(mut s) = samples.lock() {
             s.empty += 1;
             s.e2e.push(ms(end - t0));
+            s.others.push(Other {
+                index: job.index,
+                class: job.tag,
+                sent_ms: who.2,
+                e2e_ms: Some(ms(end - t0)),
+                error: None,
+            });
         }
         return;
     };
     if let Ok(mut s) = samples.lock() {
         s.ttft.entry(job.tag).or_default().push(ms(*first - t0));
         s.e2e.push(ms(end - t0));
-        let itl = s.itl.entry(job.tag).or_default();
-        itl.extend(stamps.windows(2).map(|w| ms(w[1] - w[0])));
+        let gaps: Vec<f64> = stamps.windows(2).map(|w| ms(w[1] - w[0])).collect();
+        let max_itl_ms = gaps.iter().copied().fold(0.0, f64::max);
+        s.itl.entry(job.tag).or_default().extend(gaps);
         // Per token, as the server counted them (a streamed piece can carry several, or
         // a token none until its text is complete); else per piece.
         let tokens = usage.1.unwrap_or(stamps.len() as u64);
@@ -525,7 +600,11 @@ async fn one(
         let last = stamps.last().copied().unwrap_or(*first);
         s.requests.push(Measured {
             index: job.index,
+            class: job.tag,
+            sent_ms: who.2,
             ttft_ms: ms(*first - t0),
+            e2e_ms: ms(end - t0),
+            max_itl_ms,
             tpot_ms: if tokens > 1 {
                 ms(last - *first) / (tokens - 1) as f64
             } else {

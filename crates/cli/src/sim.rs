@@ -505,7 +505,11 @@ mod tests {
             (cached.iter().enumerate())
                 .map(|(index, &cached_tokens)| crate::bench::Measured {
                     index,
+                    class: "trace",
+                    sent_ms: 0.0,
                     ttft_ms: 1.0,
+                    e2e_ms: 2.0,
+                    max_itl_ms: 1.0,
                     tpot_ms: 1.0,
                     prompt_tokens: Some(200),
                     completion_tokens: Some(8),
