@@ -153,9 +153,20 @@ impl Scheduler {
         };
         // 2–5: prefill. When several tenants have prompts to compute, only the lead's
         // requests start in this step (see `prefill_lead`); if that leaves the step with
-        // no prefill at all, the others start rather than leave it empty.
+        // no prefill at all, the others start rather than leave it empty. A quiet start's
+        // tenant leads its steps whatever its counter: once its first prompt is charged
+        // it may no longer be the least served, and the step computing that prompt's
+        // tail then started the flood's new requests beside it (their prompts made the
+        // step 530 ms instead of ~25: `scripts/bench-noisy`, B's TTFT ~1 s).
         let mut adm = Admission {
-            lead: self.prefill_lead(),
+            lead: match &quiet {
+                Some(q) => Some(Lead {
+                    owner: q.owner,
+                    band: q.band,
+                    counter: 0,
+                }),
+                None => self.prefill_lead(),
+            },
             held: quiet.as_ref().map(|q| q.held.clone()).unwrap_or_default(),
             ..Admission::default()
         };
@@ -200,6 +211,7 @@ impl Scheduler {
                 }
             } else {
                 adm.held.clear();
+                adm.lead = self.prefill_lead();
                 self.plan_decodes(&mut work, &[], false);
                 budget.tokens = self.tokens_left(&work);
                 self.plan_prefill(&mut budget, &mut work, &mut adm);

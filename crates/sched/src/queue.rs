@@ -53,10 +53,16 @@ impl Fairness {
     /// Charge `prompt` prefilled and `output` generated tokens to a tenant:
     /// prompt ×1, output ×2, divided by the tenant's weight.
     pub fn charge(&mut self, owner: u32, weight: u32, prompt: u64, output: u64) {
+        let cost = Fairness::cost(weight, prompt, output);
         let c = self.slot(owner);
-        *c += (prompt + 2 * output) * VTC_SCALE / u64::from(weight.max(1));
+        *c += cost;
         let c = *c;
         self.high = self.high.max(c);
+    }
+
+    /// What [`charge`](Self::charge) adds to the counter of a tenant of `weight`.
+    pub fn cost(weight: u32, prompt: u64, output: u64) -> u64 {
+        (prompt + 2 * output) * VTC_SCALE / u64::from(weight.max(1))
     }
 
     /// A tenant returning from idle is lifted to the minimum counter of the active

@@ -2,6 +2,7 @@
 //! (`preempt_for_fair_share`) and whose new request gets a step of its own
 //! (`quiet_start`).
 
+use crate::queue::Fairness;
 use crate::request::Band;
 use crate::scheduler::{Running, Scheduler};
 use tokenfab_types::RequestId;
@@ -61,6 +62,10 @@ impl BatchShares {
 /// A quiet tenant's request that starts in a step of its own (`Scheduler::quiet_start`).
 pub(crate) struct QuietStart {
     pub id: RequestId,
+    /// Its tenant and band: no other tenant's request of that band or a lower one starts
+    /// in its steps.
+    pub owner: u32,
+    pub band: Band,
     /// Still in the queue (else running, its prompt not all computed).
     pub waiting: bool,
     /// Running sequences with no work in that step, sorted.
@@ -156,6 +161,8 @@ impl Scheduler {
             let over = shares.above(owner, shares.running());
             return self.holding(band, &over).map(|held| QuietStart {
                 id: r.req.id,
+                owner,
+                band,
                 waiting: false,
                 held,
             });
@@ -164,7 +171,12 @@ impl Scheduler {
         let next = self.queue.peek(&self.fair).filter(|_| room)?;
         let (band, owner) = (next.req.band, next.owner);
         let short = next.req.prompt.0 + next.generated.0 <= u64::from(self.cfg.max_prefill_chunk);
-        let least = Some(self.fair.counter(owner)) == self.active_min_counter();
+        // Least served, or it would be but for one short prompt's charge: the second of
+        // two requests arriving together from idle found the first one's prompt had
+        // lifted its tenant just past the flood, and waited a step of the flood's.
+        let slack = Fairness::cost(next.req.weight, u64::from(self.cfg.max_prefill_chunk), 0);
+        let least = (self.active_min_counter())
+            .is_some_and(|min| self.fair.counter(owner) <= min.saturating_add(slack));
         if !short || !least {
             return None;
         }
@@ -177,6 +189,8 @@ impl Scheduler {
         let over = shares.above(owner, places);
         self.holding(band, &over).map(|held| QuietStart {
             id: next.req.id,
+            owner,
+            band,
             waiting: true,
             held,
         })

@@ -299,6 +299,53 @@ fn a_quiet_tenants_request_starts_in_a_step_without_the_floods_streams() {
     }
 }
 
+/// B's requests come in pairs, the second a few steps after the first (its first token
+/// out, decoding), while A floods: every step that computes any of B's prompts computes
+/// nothing of A's. Before, the step with the tail of a B prompt started A's new requests
+/// beside it (once charged for its first piece, B was no longer the least served), and,
+/// with room in the batch, the second request started beside A's decodes (its tenant just
+/// past A by the first prompt's charge). With room it starts at once; in a full batch a
+/// place is made for it when A's counter passes B's again, within two steps.
+#[test]
+fn every_step_computing_a_quiet_tenants_prompts_is_its_own() {
+    for (a_in_flight, max_wait) in [(20, 2), (12, 0)] {
+        let mut h = Harness::new(flood_config());
+        let mut b_prompt_steps = 0;
+        let (mut waiting_b, mut waits) = (Vec::new(), Vec::new());
+        for step in 0..400u64 {
+            for _ in in_flight(&h, "a")..a_in_flight {
+                h.arrive("a", Band::Standard, 60, 32);
+            }
+            if step >= 20 && (step % 40 == 0 || step % 40 == 3) {
+                h.arrive("b", Band::Standard, 60, 8);
+                waiting_b.push((*h.live.iter().max().expect("just arrived"), step));
+            }
+            let done = h.step(0);
+            placed(&h, step, &mut waiting_b, &mut waits);
+            if (done.iter()).any(|(id, _, decode)| h.tenant_of[id] == "b" && !decode) {
+                b_prompt_steps += 1;
+                let a: Vec<_> = (done.iter())
+                    .filter(|(id, _, _)| h.tenant_of[id] == "a")
+                    .collect();
+                assert!(
+                    a.is_empty(),
+                    "A {a_in_flight}, step {step}: A's work beside B's prompt: {a:?}"
+                );
+            }
+        }
+        // Two requests a pair, each prompt in two steps (the tail is a piece of its own).
+        assert!(
+            b_prompt_steps >= 36,
+            "{b_prompt_steps} steps computed B's prompts"
+        );
+        assert!(
+            waits.len() >= 18 && waits.iter().all(|w| *w <= max_wait),
+            "A {a_in_flight}: B waited {waits:?} steps"
+        );
+        assert_eq!(h.s.check_invariants(), Ok(()));
+    }
+}
+
 /// Run until nothing is waiting or running.
 fn settle(h: &mut Harness) {
     let mut steps = 0;
