@@ -171,9 +171,10 @@ impl Scheduler {
         let next = self.queue.peek(&self.fair).filter(|_| room)?;
         let (band, owner) = (next.req.band, next.owner);
         let short = next.req.prompt.0 + next.generated.0 <= u64::from(self.cfg.max_prefill_chunk);
-        // Least served, or it would be but for one short prompt's charge: the second of
-        // two requests arriving together from idle found the first one's prompt had
-        // lifted its tenant just past the flood, and waited a step of the flood's.
+        // Least served, or it would be but for one short prompt's charge: a request
+        // arriving while its tenant's previous one decodes found that one's prompt
+        // charge had put its tenant just past the flood, and started beside the flood's
+        // decodes.
         let slack = Fairness::cost(next.req.weight, u64::from(self.cfg.max_prefill_chunk), 0);
         let least = (self.active_min_counter())
             .is_some_and(|min| self.fair.counter(owner) <= min.saturating_add(slack));
