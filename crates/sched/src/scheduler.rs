@@ -55,8 +55,9 @@ pub struct SchedConfig {
     /// to the prefix) instead of copying the whole stream, and running sequences keep to
     /// few consecutive slots, which the executor batches together.
     pub adopt_cached_slots: bool,
-    /// A short request of a tenant that is the least served (VTC) and runs less than
-    /// half its weighted share of the batch gets steps of its own until its first token:
+    /// A short request of a tenant that is the least served (VTC, within one chunk's
+    /// charge) and runs less than half its weighted share of the batch gets steps of its
+    /// own until its first token:
     /// the work of tenants above their share (and of lower bands) waits those steps
     /// (`Scheduler::quiet_start`). Buys a quiet tenant's first token freedom from a
     /// flood's batch, at the flood's streams waiting those steps (two for most chats).

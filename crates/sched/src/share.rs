@@ -138,16 +138,17 @@ impl Scheduler {
     /// The next request by policy, to get its first token in steps of its own, and the
     /// running sequences whose work waits in them: those of lower bands and of tenants
     /// above their weighted share of the batch. Only when that request is short (one
-    /// chunk), its tenant is the least served active one (VTC) and runs less than half its
-    /// own share, and `SchedConfig::isolate_quiet_starts` is on; a request so started
-    /// keeps its steps to itself until its prompt is computed.
+    /// chunk), its tenant is the least served active one (VTC; or past it by less than one
+    /// chunk's charge) and runs less than half its own share, and
+    /// `SchedConfig::isolate_quiet_starts` is on; a request so started keeps its steps to
+    /// itself until its prompt is computed.
     ///
     /// On a CPU a step's time grows with every sequence it decodes (2 cores: ~15 ms at
     /// one, ~144 ms at sixteen), so a quiet tenant's prompt computed beside a flood's
     /// twenty decodes waits for all of them: its TTFT was 2.5–2.8× its figure alone
     /// (`scripts/bench-noisy`). The flood's streams pay the steps of each such start
     /// (two for most chats), which the fairness counters bound: the quiet tenant stops
-    /// being least served as soon as its prompts have cost what the flood's service did.
+    /// being eligible once its prompts have cost one chunk more than the flood's service.
     pub(crate) fn quiet_start(&self) -> Option<QuietStart> {
         if !self.cfg.isolate_quiet_starts || self.fair.tenants() < 2 {
             return None;
