@@ -1,9 +1,10 @@
 //! `tokenfab calibrate`: time the real llama.cpp executor on this machine over a grid of
-//! batch shapes, then the live engine loop serving a synthetic workload (`live.rs`); fit
-//! the simulator's linear step-time model to the live steps (the grid is the check, or
-//! the fit with `--no-live`) and write it as a named profile (by default
-//! `cpu:smollm2-135m` in `$TOKENFAB_HOME/profiles.toml`, which overlays the shipped
-//! profiles for `tokenfab sim` and `worker --mock`).
+//! batch shapes in serve's KV layout, fit the simulator's linear step-time model to them
+//! (the shapes separate its terms: prefill and decode rows, shallow and deep attention),
+//! optionally scale it to the steps of a live engine loop (`--live`, `live.rs`), and
+//! write it as a named profile (by default `cpu:smollm2-135m` in
+//! `$TOKENFAB_HOME/profiles.toml`, which overlays the shipped profiles for `tokenfab sim`
+//! and `worker --mock`).
 
 mod live;
 
@@ -11,7 +12,7 @@ use clap::Args;
 use std::time::Instant;
 use tokenfab_engine::{BatchEntry, Executor, SamplingParams};
 use tokenfab_llama::{LlamaExecutor, LlamaExecutorConfig, LoadedModel};
-use tokenfab_sim::ProfileEntry;
+use tokenfab_sim::{ProfileEntry, StepShape};
 use tokenfab_types::{SeqSlot, TokenId};
 
 #[derive(Args, Clone, Debug)]
@@ -41,22 +42,25 @@ pub struct CalibrateArgs {
     /// The machine's price, for cost reports.
     #[arg(long, default_value_t = 0.05)]
     usd_per_hour: f64,
-    /// The live pass's workload, a `sim --synthetic` spec served by the real engine loop
-    /// with serve's settings; the profile is fitted to its steps.
-    #[arg(long, default_value = "poisson:0.5:40:200:32")]
-    live: String,
-    /// Fit the grid alone (faster, but ~20 % more optimistic than a live server).
+    /// Also run a live pass: the real engine loop, in this process with serve's settings,
+    /// serving this `sim --synthetic` workload (e.g. `poisson:0.5:40:200:32`, ~80 s);
+    /// the grid's model is then scaled to its steps. Off by default: on the Xeon where
+    /// the grid was last checked against `serve`, serve's steps matched the grid's model
+    /// within 7 % by kind while this in-process loop ran single decodes at 25–29 ms, not
+    /// 11 (ARCHITECTURE.md, Simulator step times and fidelity).
     #[arg(long)]
-    no_live: bool,
+    live: Option<String>,
+    /// Also write every measured step (grid and live), one JSON line each: its batch
+    /// shape and time, for a look at the fit.
+    #[arg(long)]
+    steps: Option<std::path::PathBuf>,
 }
 
 /// One measured batch shape.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 struct Point {
     what: String,
-    tokens: u64,
-    seqs: u64,
-    kv: u64,
+    shape: StepShape,
     /// Median step time, seconds.
     secs: f64,
 }
@@ -71,31 +75,43 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
             format!("cpu:{}", pulled.name)
         }
     });
-    let mut exec = LlamaExecutor::new(
-        &model,
-        &LlamaExecutorConfig {
-            kv_tokens: 16_384,
-            slots: 32,
-            batch_tokens: 1024,
-            threads: a.threads,
-            ..LlamaExecutorConfig::default()
-        },
-    )?;
+    // The grid runs in serve's KV layout: in the per-sequence one a decode row reads its
+    // own stream only, in the unified one every cell in use, so the attention terms
+    // differ between them.
+    let serve = crate::config::Config::default();
+    let exec_cfg = LlamaExecutorConfig {
+        kv_tokens: serve.model.kv_tokens,
+        layout: serve.model.kv_layout,
+        slots: serve.model.slots,
+        batch_tokens: serve.scheduler.max_step_tokens,
+        ubatch_tokens: serve.model.ubatch_tokens,
+        threads: a.threads,
+    };
+    let mut exec = LlamaExecutor::new(&model, &exec_cfg)?;
     // Written into the profile, so that the simulator cuts prompts as this engine's
-    // scheduler does.
+    // scheduler does, and used to tell the kernels' two attention paths apart.
     let fast_prefill_rows = exec.capacity().fast_prefill_rows;
     let repeats = a.repeats.max(1);
     let mut points = Vec::new();
     eprintln!("measuring {} ({repeats} runs per shape)", pulled.name);
-    // Prefill: one sequence, one chunk of P tokens.
-    for p in [32u64, 64, 128, 256, 512] {
-        points.push(measure(
-            &mut exec,
-            repeats,
-            &format!("prefill {p}"),
-            &[],
-            p,
-        )?);
+    let mut grid_point = |what: String, ctxs: &[u64], prefill: Prefill| {
+        measure(&mut exec, fast_prefill_rows, repeats, what, ctxs, prefill)
+    };
+    // Prefill: one sequence, one chunk of P tokens, at the start of a prompt and deep in
+    // one (attention over what is already computed).
+    for (tokens, depth) in [
+        (32u64, 0u64),
+        (64, 0),
+        (128, 0),
+        (256, 0),
+        (512, 0),
+        (32, 1024),
+        (64, 1024),
+        (128, 2048),
+        (256, 3072),
+    ] {
+        let what = format!("prefill {tokens} at {depth}");
+        points.push(grid_point(what, &[], Prefill { tokens, depth })?);
     }
     // Decode: B sequences at short and long contexts.
     for (b, ctx) in [
@@ -106,51 +122,70 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         (1, 768),
         (4, 768),
         (8, 768),
+        (1, 2048),
+        (16, 384),
+        // Where a chat server's batches mostly are: a few sequences of a few hundred
+        // tokens (without these the fit's decode rows there were ~7 % cheap).
+        (2, 256),
+        (3, 256),
+        (6, 256),
     ] {
         let what = format!("decode {b} seqs, ctx {ctx}");
-        let ctxs = vec![ctx; b as usize];
-        points.push(measure(&mut exec, repeats, &what, &ctxs, 0)?);
+        points.push(grid_point(what, &vec![ctx; b as usize], Prefill::NONE)?);
     }
     // Mixed: decodes with a prefill chunk, as chunked prefill runs them.
-    for (b, p) in [(2u64, 128u64), (8, 128), (4, 256)] {
-        let what = format!("{b} decodes + prefill {p}");
-        let ctxs = vec![128; b as usize];
-        points.push(measure(&mut exec, repeats, &what, &ctxs, p)?);
+    for (b, ctx, tokens, depth) in [
+        (2u64, 128u64, 128u64, 0u64),
+        (8, 128, 128, 0),
+        (4, 128, 256, 0),
+        (8, 256, 64, 1024),
+        (4, 256, 32, 0),
+    ] {
+        let what = format!("{b} decodes + prefill {tokens} at {depth}");
+        points.push(grid_point(
+            what,
+            &vec![ctx; b as usize],
+            Prefill { tokens, depth },
+        )?);
     }
     let grid = points.len();
-    if !a.no_live {
-        let serve = crate::config::Config::default();
-        let exec_cfg = LlamaExecutorConfig {
-            kv_tokens: serve.model.kv_tokens,
-            layout: serve.model.kv_layout,
-            slots: serve.model.slots,
-            batch_tokens: serve.scheduler.max_step_tokens,
-            ubatch_tokens: serve.model.ubatch_tokens,
-            threads: a.threads,
-        };
+    if let Some(spec) = &a.live {
         drop(exec);
         let m = model.clone();
-        let live = live::measure(&a.live, serve.engine()?, move || {
+        let live = live::measure(spec, serve.engine()?, move || {
             LlamaExecutor::new(&m, &exec_cfg).map_err(|e| e.to_string())
         })?;
         points.extend(live);
     }
-    // With live steps, the fit is theirs alone: the same batch shapes ran ~20 % slower in
-    // the live loop than back to back in the grid (server threads waking per token take
-    // the cores from the kernels' threads), and a simulation must match the server. The
-    // grid then shows how far isolated batches are from the fitted model.
-    let fitted_on = if points.len() > grid {
-        &points[grid..]
-    } else {
-        &points[..]
+    // The grid's shapes tell the terms apart (prefill and decode rows, shallow and deep
+    // attention); live steps, when measured, give the level: the grid's model times a
+    // factor, plus a fixed cost per step.
+    let [base, per_token, per_seq, per_kv, per_prefill_kv] = fit(&points[..grid]
+        .iter()
+        .map(|p| (terms(&p.shape), p.secs))
+        .collect::<Vec<_>>());
+    let grid_model = |s: &StepShape| {
+        let t = terms(s);
+        base + per_token * t[1] + per_seq * t[2] + per_kv * t[3] + per_prefill_kv * t[4]
     };
-    let [base, per_token, per_seq, per_kv] = fit(fitted_on);
-    let serve_defaults = crate::config::Config::default().model;
+    let [scale, extra] = if points.len() > grid {
+        let live: Vec<_> = (points[grid..].iter())
+            .map(|p| ([grid_model(&p.shape), 1.0], p.secs))
+            .collect();
+        match fit(&live) {
+            [s, b] if s > 0.0 => [s, b],
+            _ => [1.0, 0.0],
+        }
+    } else {
+        [1.0, 0.0]
+    };
+    let serve_defaults = serve.model;
     let entry = ProfileEntry {
-        base_ms: round(base * 1e3, 3),
-        per_token_us: round(per_token * 1e6, 2),
-        per_seq_us: round(per_seq * 1e6, 2),
-        per_kv_token_ns: round(per_kv * 1e9, 3),
+        base_ms: round((base * scale + extra) * 1e3, 3),
+        per_token_us: round(per_token * scale * 1e6, 2),
+        per_seq_us: round(per_seq * scale * 1e6, 2),
+        per_kv_token_ns: round(per_kv * scale * 1e9, 3),
+        per_prefill_kv_token_ns: round(per_prefill_kv * scale * 1e9, 3),
         kv_tokens: u64::from(a.kv_tokens.unwrap_or(serve_defaults.kv_tokens)),
         slots: a.slots.unwrap_or(serve_defaults.slots),
         usd_per_hour: a.usd_per_hour,
@@ -158,29 +193,32 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     };
     let fitted = entry.accelerator().profile;
     println!(
-        "{:<28} {:>11} {:>11} {:>8}",
-        "batch", "measured ms", "model ms", "error"
+        "{:<30} {:>11} {:>11} {:>8} {:>11} {:>8}",
+        "batch", "measured ms", "grid fit", "error", "profile", "error"
     );
-    let model_s = |p: &Point| fitted.step_time(p.tokens, p.seqs, p.kv).0 as f64 / 1e9;
+    let model_s = |p: &Point| fitted.step_time(&p.shape).0 as f64 / 1e9;
     let error = |p: &Point| (model_s(p) - p.secs) / p.secs;
     for p in &points[..grid] {
-        let err = error(p);
         println!(
-            "{:<28} {:>11.2} {:>11.2} {:>7.1}%",
+            "{:<30} {:>11.2} {:>11.2} {:>7.1}% {:>11.2} {:>7.1}%",
             p.what,
             p.secs * 1e3,
+            grid_model(&p.shape) * 1e3,
+            (grid_model(&p.shape) - p.secs) / p.secs * 100.0,
             model_s(p) * 1e3,
-            err * 100.0
+            error(p) * 100.0
         );
     }
     // Live steps by kind: their total time (what a simulated run adds up) and the mean
     // error of one step.
-    let is_decode: fn(&Point) -> bool = |p| p.tokens == p.seqs;
+    let is_decode: fn(&Point) -> bool = |p| p.shape.tokens == p.shape.seqs;
     for (kind, is_kind) in [
         ("live decode steps", is_decode),
-        ("live lone prefill steps", |p| p.seqs == 1 && p.tokens > 1),
+        ("live lone prefill steps", |p| {
+            p.shape.seqs == 1 && p.shape.tokens > 1
+        }),
         ("live steps mixing prefill", |p| {
-            p.seqs > 1 && p.tokens > p.seqs
+            p.shape.seqs > 1 && p.shape.tokens > p.shape.seqs
         }),
     ] {
         let of_kind: Vec<&Point> = points[grid..].iter().filter(|p| is_kind(p)).collect();
@@ -191,28 +229,46 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         let modelled: f64 = of_kind.iter().map(|p| model_s(p)).sum();
         let mean = of_kind.iter().map(|p| error(p).abs()).sum::<f64>() / of_kind.len() as f64;
         println!(
-            "{:<28} {:>11.0} {:>11.0} {:>7.1}%  ({} steps, total ms; mean step error {:.1} %)",
+            "{:<30} {:>11.0} {:>11} {:>8} {:>11.0} {:>7.1}%  ({} steps, total ms; mean step error {:.1} %)",
             kind,
             measured * 1e3,
+            "",
+            "",
             modelled * 1e3,
             (modelled - measured) / measured * 100.0,
             of_kind.len(),
             mean * 100.0
         );
     }
+    let fitted_on = if points.len() > grid {
+        &points[grid..]
+    } else {
+        &points[..]
+    };
     let errors: Vec<f64> = fitted_on.iter().map(|p| error(p).abs()).collect();
     let mean = errors.iter().sum::<f64>() / errors.len() as f64;
     let max = errors.iter().copied().fold(0.0, f64::max);
     println!(
-        "{name}: base {} ms, {} µs/token, {} µs/sequence, {} ns/KV token; fitted to the {} steps: error mean {:.1} %, max {:.1} %",
+        "{name}: base {} ms, {} µs/token, {} µs/sequence, {} ns/KV token read by a decode row, {} ns/KV token read by a prefill row; the grid's model ×{scale:.3} {:+.2} ms a step; error against the {} steps: mean {:.1} %, max {:.1} %",
         entry.base_ms,
         entry.per_token_us,
         entry.per_seq_us,
         entry.per_kv_token_ns,
+        entry.per_prefill_kv_token_ns,
+        extra * 1e3,
         if fitted_on.len() == grid { "grid's" } else { "live" },
         mean * 100.0,
         max * 100.0
     );
+    if let Some(path) = &a.steps {
+        let mut text = String::new();
+        for p in &points {
+            text.push_str(&serde_json::to_string(p)?);
+            text.push('\n');
+        }
+        std::fs::write(path, text)
+            .map_err(|e| anyhow::anyhow!("--steps {}: {e}", path.display()))?;
+    }
     let out = a
         .out
         .clone()
@@ -222,40 +278,80 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A prefill piece of `tokens` tokens starting at position `depth` of its prompt.
+#[derive(Clone, Copy)]
+struct Prefill {
+    tokens: u64,
+    depth: u64,
+}
+
+impl Prefill {
+    const NONE: Prefill = Prefill {
+        tokens: 0,
+        depth: 0,
+    };
+}
+
+/// The step-time model's terms for a shape: fixed, tokens, sequences, KV cells read
+/// row by row, KV cells read by tiled prefill rows.
+fn terms(s: &StepShape) -> [f64; 5] {
+    [
+        1.0,
+        s.tokens as f64,
+        s.seqs as f64,
+        s.row_kv as f64,
+        s.tiled_kv as f64,
+    ]
+}
+
 /// Median time of a step over sequences at contexts `ctxs` (one decode token each) plus,
-/// when `prefill > 0`, one more sequence prefilling `prefill` tokens.
+/// when `prefill.tokens > 0`, one more sequence computing that piece.
 fn measure(
     exec: &mut LlamaExecutor,
+    fast_rows: u32,
     repeats: usize,
-    what: &str,
+    what: String,
     ctxs: &[u64],
-    prefill: u64,
+    prefill: Prefill,
 ) -> anyhow::Result<Point> {
     let params = SamplingParams {
         temperature: 0.0,
         ..SamplingParams::default()
     };
     let slots: Vec<SeqSlot> = (0..=ctxs.len() as u32).map(SeqSlot).collect();
-    // Untimed: bring the decoding sequences to their contexts.
-    for (i, &ctx) in ctxs.iter().enumerate() {
+    let last = slots[ctxs.len()];
+    // Untimed: bring the decoding sequences to their contexts, the prefilling one to
+    // its depth.
+    let lead = ctxs
+        .iter()
+        .map(|&c| (c, false))
+        .chain([(prefill.depth, true)]);
+    for (i, (ctx, prefilling)) in lead.enumerate() {
+        if ctx == 0 || (prefilling && prefill.tokens == 0) {
+            continue;
+        }
         exec.begin(slots[i], &params);
         let t = filler_tokens(ctx, i as u64);
-        exec.run(&[BatchEntry {
-            slot: slots[i],
-            pos: 0,
-            tokens: &t,
-            sample: false,
-        }])?;
+        // In pieces the executor's batch holds.
+        let piece = exec.capacity().max_batch_tokens.max(1) as usize;
+        for (k, chunk) in t.chunks(piece).enumerate() {
+            exec.run(&[BatchEntry {
+                slot: slots[i],
+                pos: (k * piece) as u64,
+                tokens: chunk,
+                sample: false,
+            }])?;
+        }
     }
-    let last = slots[ctxs.len()];
     let mut times = Vec::new();
+    let mut shapes = Vec::new();
     // Each run decodes one more token per sequence; the first run is not timed (warm
     // caches, thread pool).
     for run in 0..=repeats {
         let step: Vec<Vec<TokenId>> = (0..ctxs.len())
             .map(|i| filler_tokens(1, 1000 + (i + run) as u64))
             .collect();
-        let fresh = filler_tokens(prefill, 99 + run as u64);
+        let fresh = filler_tokens(prefill.tokens, 99 + run as u64);
         let mut batch: Vec<BatchEntry<'_>> = ctxs
             .iter()
             .enumerate()
@@ -266,11 +362,11 @@ fn measure(
                 sample: true,
             })
             .collect();
-        if prefill > 0 {
+        if prefill.tokens > 0 {
             exec.begin(last, &params);
             batch.push(BatchEntry {
                 slot: last,
-                pos: 0,
+                pos: prefill.depth,
                 tokens: &fresh,
                 sample: true,
             });
@@ -280,8 +376,12 @@ fn measure(
         let secs = started.elapsed().as_secs_f64();
         if run > 0 {
             times.push(secs);
+            shapes.push(StepShape::of(
+                fast_rows,
+                batch.iter().map(|e| (e.pos, e.tokens.len() as u64)),
+            ));
         }
-        exec.release(last);
+        exec.trim(last, prefill.depth);
     }
     for s in slots {
         exec.release(s);
@@ -289,16 +389,9 @@ fn measure(
     times.sort_by(f64::total_cmp);
     let secs = times[times.len() / 2];
     // Contexts grew by one token per run: the middle run's.
-    let kv = ctxs.iter().map(|c| c + 1 + repeats as u64 / 2).sum::<u64>() + prefill;
-    let seqs = ctxs.len() as u64 + u64::from(prefill > 0);
+    let shape = shapes[shapes.len() / 2];
     eprintln!("  {what}: {:.2} ms", secs * 1e3);
-    Ok(Point {
-        what: what.to_owned(),
-        tokens: ctxs.len() as u64 + prefill,
-        seqs,
-        kv,
-        secs,
-    })
+    Ok(Point { what, shape, secs })
 }
 
 /// `n` ordinary vocabulary tokens; different salts (below 2,000) share no prefix.
@@ -308,33 +401,31 @@ fn filler_tokens(n: u64, salt: u64) -> Vec<TokenId> {
         .collect()
 }
 
-/// Least squares in relative error (rows weighted by 1/time): the coefficients of
-/// `time ≈ base + per_token·tokens + per_seq·seqs + per_kv·kv`, none negative (a
-/// coefficient the fit drives below zero is dropped and the rest refitted).
-fn fit(points: &[Point]) -> [f64; 4] {
-    let row = |p: &Point| [1.0, p.tokens as f64, p.seqs as f64, p.kv as f64];
-    let mut active = [true; 4];
+/// Least squares in relative error (rows weighted by 1/time): the coefficients `x` of
+/// `time ≈ Σ x_k · row_k`, none negative (a coefficient the fit drives below zero is
+/// dropped and the rest refitted).
+fn fit<const N: usize>(rows: &[([f64; N], f64)]) -> [f64; N] {
+    let mut active = [true; N];
     loop {
-        let idx: Vec<usize> = (0..4).filter(|&k| active[k]).collect();
+        let idx: Vec<usize> = (0..N).filter(|&k| active[k]).collect();
         let n = idx.len();
         // Normal equations AᵀA x = Aᵀb over the active columns.
         let mut m = vec![vec![0.0; n + 1]; n];
-        for p in points {
-            let w = 1.0 / p.secs;
-            let r = row(p);
+        for (r, secs) in rows {
+            let w = 1.0 / secs;
             for (i, &ki) in idx.iter().enumerate() {
                 for (j, &kj) in idx.iter().enumerate() {
                     m[i][j] += r[ki] * w * r[kj] * w;
                 }
-                m[i][n] += r[ki] * w * p.secs * w;
+                m[i][n] += r[ki] * w * secs * w;
             }
         }
         let x = solve(m);
-        let mut out = [0.0; 4];
+        let mut out = [0.0; N];
         for (i, &k) in idx.iter().enumerate() {
             out[k] = x[i];
         }
-        match (0..4).find(|&k| active[k] && out[k] < 0.0) {
+        match (0..N).find(|&k| active[k] && out[k] < 0.0) {
             Some(k) => active[k] = false,
             None => return out,
         }
@@ -414,6 +505,7 @@ mod tests {
             per_token_us: 1.0,
             per_seq_us: 2.0,
             per_kv_token_ns: 0.5,
+            per_prefill_kv_token_ns: 0.1,
             kv_tokens: 1024,
             slots: 8,
             usd_per_hour: 0.1,
@@ -435,28 +527,30 @@ mod tests {
 
     #[test]
     fn the_fit_recovers_a_linear_model() {
-        let truth =
-            |t: u64, s: u64, kv: u64| 0.003 + 2e-4 * t as f64 + 1e-3 * s as f64 + 5e-8 * kv as f64;
-        let points: Vec<Point> = [
-            (1, 1, 64),
-            (8, 8, 512),
-            (512, 1, 512),
-            (130, 3, 900),
-            (16, 16, 12_000),
-            (64, 1, 64),
+        let truth = [0.003, 2e-4, 1e-3, 5e-6, 8e-7];
+        let rows: Vec<([f64; 5], f64)> = [
+            StepShape::of(64, [(0, 1)]),
+            StepShape::of(64, (0..8).map(|i| (60 + i, 1))),
+            StepShape::of(64, [(0, 512)]),
+            StepShape::of(64, [(1024, 64)]),
+            StepShape::of(64, [(100, 1), (200, 1), (0, 128)]),
+            StepShape::of(64, [(0, 32), (700, 1)]),
+            StepShape::of(64, (0..16).map(|i| (750 + i, 1))),
         ]
-        .into_iter()
-        .map(|(tokens, seqs, kv)| Point {
-            what: String::new(),
-            tokens,
-            seqs,
-            kv,
-            secs: truth(tokens, seqs, kv),
+        .iter()
+        .map(|s| {
+            let t = terms(s);
+            (t, (0..5).map(|k| truth[k] * t[k]).sum())
         })
         .collect();
-        let [b, t, s, kv] = fit(&points);
-        for (got, want) in [(b, 0.003), (t, 2e-4), (s, 1e-3), (kv, 5e-8)] {
+        let got = fit(&rows);
+        for (got, want) in got.iter().zip(truth) {
             assert!((got - want).abs() <= want * 1e-6, "{got} vs {want}");
         }
+        // A term the data drives negative is dropped, not kept below zero.
+        let flat = [([1.0, 1.0], 2.0), ([1.0, 2.0], 1.9), ([1.0, 3.0], 1.8)];
+        let [b, slope] = fit(&flat);
+        assert_eq!(slope, 0.0);
+        assert!((b - 1.9).abs() < 0.05, "{b}");
     }
 }

@@ -238,8 +238,9 @@ impl Executor for LlamaExecutor {
         tracing::trace!(
             tokens = batch.iter().map(|e| e.tokens.len()).sum::<usize>(),
             seqs = batch.len(),
-            // (slot, tokens) per entry: a gap between slots costs a weight pass.
-            slots = ?batch.iter().map(|e| (e.slot.0, e.tokens.len())).collect::<Vec<_>>(),
+            // (slot, position, tokens) per entry: a gap between slots costs a weight
+            // pass, and the positions give the attention work.
+            slots = ?batch.iter().map(|e| (e.slot.0, e.pos, e.tokens.len())).collect::<Vec<_>>(),
             ms = t0.elapsed().as_secs_f64() * 1e3,
             "llama step"
         );

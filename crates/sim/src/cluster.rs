@@ -274,7 +274,7 @@ fn replay(trace: &[TraceRequest], cfg: &SimConfig, helper: bool) -> Report {
                 lives[i].rejected = true;
             }
             let before = c.worker.done_at;
-            c.worker.kick(now, &cfg.workers[w].profile);
+            c.worker.kick(now, &cfg.workers[w]);
             clock.moved(w, before, c.worker.done_at);
             loads[w].clone_from(&c.load);
         }
@@ -361,7 +361,7 @@ impl Clock {
         let mut c = lock(cell);
         let Cell { worker, load } = &mut *c;
         let before = worker.done_at;
-        worker.advance(until, &cfg.workers[w].profile, load, trace);
+        worker.advance(until, &cfg.workers[w], load, trace);
         self.moved(w, before, worker.done_at);
         c
     }
@@ -448,13 +448,15 @@ fn report(
             continue;
         };
         let t = ms(r.arrival, first);
+        // A one-token answer has no time per output token (as `bench` counts it).
         let per = if l.tokens > 1 {
-            ms(first, done) / (l.tokens - 1) as f64
+            let per = ms(first, done) / (l.tokens - 1) as f64;
+            tpot.push(per);
+            per
         } else {
             0.0
         };
         ttft.push(t);
-        tpot.push(per);
         e2e.push(ms(r.arrival, done));
         out_tokens += l.tokens;
         let ok_ttft = cfg.slo.ttft.is_none_or(|s| t <= s.0 as f64 / 1e6);
@@ -626,6 +628,7 @@ mod tests {
                 per_token: Nanos(50_000),
                 per_seq: Nanos(100_000),
                 per_kv_ps: 0,
+                per_prefill_kv_ps: 0,
             },
             kv_tokens: 65_536,
             slots: 64,

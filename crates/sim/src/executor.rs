@@ -1,6 +1,6 @@
 //! An executor that models an accelerator's timing instead of running kernels.
 
-use crate::profile::MockSpec;
+use crate::profile::{MockSpec, StepShape};
 use tokenfab_engine::{BatchEntry, ExecError, Executor, ExecutorCapacity, Sampled, SamplingParams};
 use tokenfab_types::{SeqSlot, TokenId};
 
@@ -38,9 +38,11 @@ impl Executor for ModelExecutor {
     fn trim(&mut self, _slot: SeqSlot, _from: u64) {}
 
     fn run(&mut self, batch: &[BatchEntry<'_>]) -> Result<Vec<Sampled>, ExecError> {
-        let tokens: u64 = batch.iter().map(|e| e.tokens.len() as u64).sum();
-        let kv: u64 = batch.iter().map(|e| e.pos + e.tokens.len() as u64).sum();
-        let t = self.spec.profile.step_time(tokens, batch.len() as u64, kv);
+        let shape = StepShape::of(
+            self.capacity.fast_prefill_rows,
+            batch.iter().map(|e| (e.pos, e.tokens.len() as u64)),
+        );
+        let t = self.spec.profile.step_time(&shape);
         if t.0 > 0 {
             std::thread::sleep(t.into());
         }

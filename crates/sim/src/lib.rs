@@ -18,6 +18,6 @@ mod worker;
 pub use executor::ModelExecutor;
 pub use profile::{
     accelerators, parse_profiles, user_profiles_path, Accelerator, MockSpec, ProfileEntry,
-    ProfileError, StepProfile,
+    ProfileError, StepProfile, StepShape,
 };
 pub use tokenizer::ByteTokenizer;

@@ -4,14 +4,51 @@ use std::collections::BTreeMap;
 use tokenfab_types::Nanos;
 
 /// Linear step time: `base + per_token × tokens in the batch + per_seq × sequences +
-/// per_kv × KV tokens attended` (each sequence attends to its whole context).
+/// per_kv × KV cells read by rows computed one by one + per_prefill_kv × KV cells read
+/// by rows of tiled prefill pieces` (see [`StepShape`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StepProfile {
     pub base: Nanos,
     pub per_token: Nanos,
     pub per_seq: Nanos,
-    /// Picoseconds per KV token read (attention cost grows with context).
+    /// Picoseconds per KV cell a row reads on the row-by-row attention path (decode rows,
+    /// prefill pieces shorter than the fast path): attention cost grows with context.
     pub per_kv_ps: u64,
+    /// Picoseconds per KV cell a row of a tiled prefill piece reads: a deep chunk costs
+    /// more than a shallow one, at a lower rate per cell than a decode row.
+    pub per_prefill_kv_ps: u64,
+}
+
+/// What one step's time depends on, read off its batch: tokens, sequences, and the
+/// attention work — (query row, KV cell) pairs, a row at position `p` reading `p + 1`
+/// cells — split by the kernel path that computes it. Pieces of at least `fast_rows`
+/// rows (`ExecutorCapacity::fast_prefill_rows`) take the tiled path; decode rows and
+/// shorter pieces are computed row by row, which on llama.cpp's CPU flash attention is
+/// several times dearer per cell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepShape {
+    pub tokens: u64,
+    pub seqs: u64,
+    pub row_kv: u64,
+    pub tiled_kv: u64,
+}
+
+impl StepShape {
+    /// The shape of a batch whose entries each compute `n` tokens from position `pos`.
+    pub fn of(fast_rows: u32, entries: impl IntoIterator<Item = (u64, u64)>) -> StepShape {
+        let mut s = StepShape::default();
+        for (pos, n) in entries {
+            s.tokens += n;
+            s.seqs += 1;
+            let pairs = n * pos + n * (n + 1) / 2;
+            if n > 1 && n >= u64::from(fast_rows) {
+                s.tiled_kv += pairs;
+            } else {
+                s.row_kv += pairs;
+            }
+        }
+        s
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,8 +114,12 @@ pub struct ProfileEntry {
     pub base_ms: f64,
     pub per_token_us: f64,
     pub per_seq_us: f64,
+    /// Per KV cell read by a row computed alone (decode rows; see [`StepShape`]).
     #[serde(default)]
     pub per_kv_token_ns: f64,
+    /// Per KV cell read by a row of a tiled prefill piece.
+    #[serde(default)]
+    pub per_prefill_kv_token_ns: f64,
     pub kv_tokens: u64,
     pub slots: u32,
     pub usd_per_hour: f64,
@@ -105,6 +146,7 @@ impl ProfileEntry {
                 per_token: Nanos::from_secs_f64(self.per_token_us / 1e6),
                 per_seq: Nanos::from_secs_f64(self.per_seq_us / 1e6),
                 per_kv_ps: (self.per_kv_token_ns.max(0.0) * 1e3).round() as u64,
+                per_prefill_kv_ps: (self.per_prefill_kv_token_ns.max(0.0) * 1e3).round() as u64,
             },
             kv_tokens: self.kv_tokens,
             slots: self.slots,
@@ -165,19 +207,23 @@ impl StepProfile {
                 per_token: Nanos::from_secs_f64(tok_us / 1e6),
                 per_seq: Nanos::from_secs_f64(nums.get(2).copied().unwrap_or(0.0) / 1e6),
                 per_kv_ps: 0,
+                per_prefill_kv_ps: 0,
             }),
             _ => Err(err()),
         }
     }
 
-    /// One step of `tokens` tokens over `seqs` sequences attending to `kv` KV tokens in
-    /// all.
-    pub fn step_time(&self, tokens: u64, seqs: u64, kv: u64) -> Nanos {
+    /// How long a step of this shape takes.
+    pub fn step_time(&self, s: &StepShape) -> Nanos {
+        let kv_ps = self
+            .per_kv_ps
+            .saturating_mul(s.row_kv)
+            .saturating_add(self.per_prefill_kv_ps.saturating_mul(s.tiled_kv));
         Nanos(
             self.base.0
-                + self.per_token.0.saturating_mul(tokens)
-                + self.per_seq.0.saturating_mul(seqs)
-                + self.per_kv_ps.saturating_mul(kv) / 1000,
+                + self.per_token.0.saturating_mul(s.tokens)
+                + self.per_seq.0.saturating_mul(s.seqs)
+                + kv_ps / 1000,
         )
     }
 }
@@ -185,12 +231,33 @@ impl StepProfile {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn a_shape_splits_attention_work_by_kernel_path() {
+        // Two decodes at contexts 9 and 99, a 3-row piece from 10, a 64-row one from 100.
+        let s = StepShape::of(64, [(8, 1), (98, 1), (10, 3), (100, 64)]);
+        assert_eq!((s.tokens, s.seqs), (69, 4));
+        assert_eq!(s.row_kv, 9 + 99 + (11 + 12 + 13));
+        assert_eq!(s.tiled_kv, 64 * 100 + 64 * 65 / 2);
+        // Without a fast-path threshold every piece of several rows is tiled.
+        let g = StepShape::of(1, [(8, 1), (10, 3)]);
+        assert_eq!((g.row_kv, g.tiled_kv), (9, 36));
+        let p = StepProfile {
+            per_kv_ps: 2_000,
+            per_prefill_kv_ps: 500,
+            ..Default::default()
+        };
+        assert_eq!(
+            p.step_time(&s).0,
+            (s.row_kv * 2_000 + s.tiled_kv * 500) / 1000
+        );
+    }
+
+    #[test]
     fn the_profile_file_parses_and_names_resolve() {
         let all = super::accelerators().expect("profiles");
         assert!(all.len() >= 3, "{:?}", all.keys());
         let h100 = super::StepProfile::parse("h100:llama2-70b").expect("named");
         assert_eq!(h100, all["h100:llama2-70b"].profile);
-        assert!(h100.step_time(1, 1, 0).0 > 28_000_000);
+        assert!(h100.step_time(&StepShape::of(1, [(0, 1)])).0 > 28_000_000);
     }
 
     use super::*;
@@ -199,10 +266,12 @@ mod tests {
     fn profiles_parse() {
         assert_eq!(StepProfile::parse("instant"), Ok(StepProfile::default()));
         let p = StepProfile::parse("linear:10:50:200").expect("valid");
-        assert_eq!(
-            p.step_time(100, 2, 0),
-            Nanos(10_000_000 + 5_000_000 + 400_000)
-        );
+        let shape = StepShape {
+            tokens: 100,
+            seqs: 2,
+            ..StepShape::default()
+        };
+        assert_eq!(p.step_time(&shape), Nanos(10_000_000 + 5_000_000 + 400_000));
         assert!(StepProfile::parse("h100").is_err());
         assert!(StepProfile::parse("linear:-1:2").is_err());
         let m = MockSpec::parse("linear:1:2,fail-every=9").expect("valid");

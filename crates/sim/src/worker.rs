@@ -4,7 +4,8 @@
 //! an arrival, the end of the run — and workers nobody reads advance in parallel
 //! (`cluster.rs`).
 
-use crate::profile::StepProfile;
+use crate::cluster::SimWorker;
+use crate::profile::StepShape;
 use crate::trace::TraceRequest;
 use rustc_hash::FxHashMap;
 use tokenfab_sched::route::WorkerLoad;
@@ -109,14 +110,14 @@ impl Worker {
     pub fn advance(
         &mut self,
         until: Nanos,
-        profile: &StepProfile,
+        kind: &SimWorker,
         load: &mut WorkerLoad,
         trace: &[TraceRequest],
     ) {
         while let Some(now) = self.done_at.filter(|&t| t < until) {
             self.done_at = None;
             self.step_done(now, load, trace);
-            self.kick(now, profile);
+            self.kick(now, kind);
         }
     }
 
@@ -150,7 +151,7 @@ impl Worker {
     }
 
     /// When idle, plan the next step at `now`; it ends at `done_at`.
-    pub fn kick(&mut self, now: Nanos, profile: &StepProfile) {
+    pub fn kick(&mut self, now: Nanos, kind: &SimWorker) {
         if self.done_at.is_some() {
             return;
         }
@@ -167,8 +168,11 @@ impl Worker {
                         }
                     }
                 }
-                let kv: u64 = plan.work.iter().map(|w| w.pos + u64::from(w.n)).sum();
-                let t = profile.step_time(plan.tokens(), plan.work.len() as u64, kv);
+                let shape = StepShape::of(
+                    kind.fast_prefill_rows,
+                    plan.work.iter().map(|w| (w.pos, u64::from(w.n))),
+                );
+                let t = kind.profile.step_time(&shape);
                 self.step_time = t;
                 self.work = plan.work;
                 self.done_at = Some(Nanos(now.0 + t.0.max(1)));

@@ -11,6 +11,7 @@ use tokenfab_engine::{
     BatchEntry, Engine, EngineConfig, EngineMetrics, Event, ExecError, Executor, ExecutorCapacity,
     GenerateRequest, Sampled, SamplingParams,
 };
+use tokenfab_sim::StepShape;
 use tokenfab_types::{Band, SeqSlot, TenantId, Tokens};
 
 /// The trace seed: not the fidelity check's default, so the profile is not fitted to the
@@ -43,14 +44,14 @@ impl<E: Executor> Executor for Timed<E> {
         let started = Instant::now();
         let out = self.inner.run(batch)?;
         let secs = started.elapsed().as_secs_f64();
-        let tokens: u64 = batch.iter().map(|e| e.tokens.len() as u64).sum();
-        let kv = batch.iter().map(|e| e.pos + e.tokens.len() as u64).sum();
+        let shape = StepShape::of(
+            self.inner.capacity().fast_prefill_rows,
+            batch.iter().map(|e| (e.pos, e.tokens.len() as u64)),
+        );
         if let Ok(mut p) = self.points.lock() {
             p.push(Point {
                 what: "live".into(),
-                tokens,
-                seqs: batch.len() as u64,
-                kv,
+                shape,
                 secs,
             });
         }
@@ -160,10 +161,11 @@ mod tests {
             .iter()
             .map(|r| r.input_tokens.max(1) + r.output_tokens.max(1) - 1)
             .sum();
-        assert_eq!(points.iter().map(|p| p.tokens).sum::<u64>(), fed);
+        assert_eq!(points.iter().map(|p| p.shape.tokens).sum::<u64>(), fed);
         for p in &points {
+            let s = p.shape;
             assert!(
-                p.seqs >= 1 && p.tokens >= p.seqs && p.kv >= p.tokens,
+                s.seqs >= 1 && s.tokens >= s.seqs && s.row_kv + s.tiled_kv >= s.tokens,
                 "{p:?}"
             );
             assert!(p.secs >= 0.001, "the model's 1 ms a step was timed: {p:?}");
