@@ -50,6 +50,12 @@ pub struct CalibrateArgs {
     /// 11 (ARCHITECTURE.md, Simulator step times and fidelity).
     #[arg(long)]
     live: Option<String>,
+    /// The profile's `step_noise` (sd of ln(real / modelled step time)). Default: the
+    /// spread of the grid's repeated runs, a floor — serve's own steps spread ~0.1 around
+    /// the model on the 2-core test machine (ARCHITECTURE.md, Simulator step times and
+    /// fidelity).
+    #[arg(long)]
+    step_noise: Option<f64>,
     /// Also write every measured step (grid and live), one JSON line each: its batch
     /// shape and time, for a look at the fit.
     #[arg(long)]
@@ -63,6 +69,9 @@ struct Point {
     shape: StepShape,
     /// Median step time, seconds.
     secs: f64,
+    /// `ln(time / median)` of each timed run (empty for live steps, timed once).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    spread: Vec<f64>,
 }
 
 pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
@@ -190,6 +199,12 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         slots: a.slots.unwrap_or(serve_defaults.slots),
         usd_per_hour: a.usd_per_hour,
         fast_prefill_rows,
+        step_noise: round(
+            a.step_noise
+                .unwrap_or_else(|| step_noise(&points[..grid]))
+                .max(0.0),
+            3,
+        ),
     };
     let fitted = entry.accelerator().profile;
     println!(
@@ -391,7 +406,29 @@ fn measure(
     // Contexts grew by one token per run: the middle run's.
     let shape = shapes[shapes.len() / 2];
     eprintln!("  {what}: {:.2} ms", secs * 1e3);
-    Ok(Point { what, shape, secs })
+    let spread = times.iter().map(|t| (t / secs).ln()).collect();
+    Ok(Point {
+        what,
+        shape,
+        secs,
+        spread,
+    })
+}
+
+/// The spread of a step's time around its shape's median over the grid's repeated
+/// runs, as a standard deviation of the log (the profile's `step_noise`). A floor: in a
+/// server, steps also share the cores with HTTP, tokenizing and streaming.
+fn step_noise(points: &[Point]) -> f64 {
+    // Each shape's runs spend one degree of freedom on its centre.
+    let freedom: usize = points
+        .iter()
+        .map(|p| p.spread.len().saturating_sub(1))
+        .sum();
+    if freedom == 0 {
+        return 0.0;
+    }
+    let squares: f64 = points.iter().flat_map(|p| &p.spread).map(|d| d * d).sum();
+    (squares / freedom as f64).sqrt()
 }
 
 /// `n` ordinary vocabulary tokens; different salts (below 2,000) share no prefix.
@@ -497,6 +534,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn step_noise_pools_each_shapes_spread_around_its_median() {
+        let point = |spread: Vec<f64>| Point {
+            what: String::new(),
+            shape: StepShape::default(),
+            secs: 1.0,
+            spread,
+        };
+        // Two shapes of three runs: 4 squared deviations of 0.1 over 2 × 2 freedoms.
+        let pts = [point(vec![-0.1, 0.0, 0.1]), point(vec![0.0, 0.1, -0.1])];
+        assert!((step_noise(&pts) - 0.1).abs() < 1e-12);
+        // A shape timed once says nothing about spread.
+        assert_eq!(step_noise(&[point(vec![0.0])]), 0.0);
+    }
+
+    #[test]
     fn writing_a_profile_keeps_the_files_other_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("profiles.toml");
@@ -510,6 +562,7 @@ mod tests {
             slots: 8,
             usd_per_hour: 0.1,
             fast_prefill_rows: 64,
+            step_noise: 0.05,
         };
         write_entry(&path, "cpu:a", &entry(1.0)).expect("write");
         write_entry(&path, "cpu:b", &entry(2.0)).expect("write");

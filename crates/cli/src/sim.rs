@@ -132,6 +132,7 @@ pub fn parse_workers(spec: &str) -> anyhow::Result<Vec<SimWorker>> {
                 slots: a.slots,
                 usd_per_hour: a.usd_per_hour,
                 fast_prefill_rows: a.fast_prefill_rows,
+                step_noise: a.step_noise,
             },
             None => SimWorker {
                 kind: name.to_owned(),
@@ -140,6 +141,7 @@ pub fn parse_workers(spec: &str) -> anyhow::Result<Vec<SimWorker>> {
                 slots: 128,
                 usd_per_hour: 0.0,
                 fast_prefill_rows: 1,
+                step_noise: 0.0,
             },
         };
         out.extend(std::iter::repeat_n(w, count));
@@ -367,18 +369,26 @@ fn fidelity(
             r.block_tokens = shared;
         }
     }
-    let sim = simulate(
-        &trace,
-        &SimConfig {
-            workers: workers.clone(),
-            policy,
-            // The server runs serve's defaults; so does its simulated twin.
-            engine: queue_whole_trace(crate::config::Config::default().engine()?),
-            slo: tokenfab_sched::Slo::default(),
-            slo_admission: true,
-            seed: a.seed,
-        },
-    );
+    // A profile with step-time noise is simulated under several seeds, like the server
+    // is replayed several times, and each percentile compared median to median.
+    let seeds = if workers[0].step_noise > 0.0 { 9 } else { 1 };
+    let engine = queue_whole_trace(crate::config::Config::default().engine()?);
+    let sims: Vec<_> = (0..seeds)
+        .map(|k| {
+            simulate(
+                &trace,
+                &SimConfig {
+                    workers: workers.clone(),
+                    policy,
+                    // The server runs serve's defaults; so does its simulated twin.
+                    engine: engine.clone(),
+                    slo: tokenfab_sched::Slo::default(),
+                    slo_admission: true,
+                    seed: a.seed.wrapping_add(k),
+                },
+            )
+        })
+        .collect();
     let ttft: Vec<Pcts> = runs
         .iter()
         .map(|run| pcts(run.iter().map(|m| m.ttft_ms).collect()))
@@ -395,12 +405,20 @@ fn fidelity(
         })
         .collect();
     println!(
-        "{} requests: {url} ({} run{}) vs simulated {} ({} completed)",
+        "{} requests: {url} ({} run{}) vs simulated {} ({} completed{})",
         trace.len(),
         runs.len(),
         if runs.len() == 1 { "" } else { "s" },
         workers[0].kind,
-        sim.completed
+        sims[0].completed,
+        if seeds > 1 {
+            format!(
+                "; median of {seeds} seeds, step noise {}",
+                workers[0].step_noise
+            )
+        } else {
+            String::new()
+        }
     );
     println!(
         "{:<10} {:>10} {:>19} {:>10} {:>8}",
@@ -415,25 +433,19 @@ fn fidelity(
             spread.median
         );
     };
-    let rows = |what: &str, real: &[Pcts], simulated: Pcts| {
-        row(
-            format!("{what} p50"),
-            real.iter().map(|p| p.p50).collect(),
-            simulated.p50,
-        );
-        row(
-            format!("{what} p90"),
-            real.iter().map(|p| p.p90).collect(),
-            simulated.p90,
-        );
-        row(
-            format!("{what} p99"),
-            real.iter().map(|p| p.p99).collect(),
-            simulated.p99,
-        );
+    let rows = |what: &str, real: &[Pcts], simulated: Vec<Pcts>| {
+        let column = |pick: fn(&Pcts) -> f64, runs: &[Pcts]| runs.iter().map(pick).collect();
+        for (name, pick) in [
+            ("p50", (|p: &Pcts| p.p50) as fn(&Pcts) -> f64),
+            ("p90", |p: &Pcts| p.p90),
+            ("p99", |p: &Pcts| p.p99),
+        ] {
+            let simulated = Spread::of(column(pick, &simulated)).median;
+            row(format!("{what} {name}"), column(pick, real), simulated);
+        }
     };
-    rows("ttft", &ttft, sim.ttft_ms);
-    rows("tpot", &tpot, sim.tpot_ms);
+    rows("ttft", &ttft, sims.iter().map(|s| s.ttft_ms).collect());
+    rows("tpot", &tpot, sims.iter().map(|s| s.tpot_ms).collect());
     Ok(())
 }
 

@@ -28,6 +28,8 @@ pub struct SimWorker {
     pub usd_per_hour: f64,
     /// See `ExecutorCapacity::fast_prefill_rows`.
     pub fast_prefill_rows: u32,
+    /// See `Accelerator::step_noise`.
+    pub step_noise: f64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -180,7 +182,10 @@ fn replay(trace: &[TraceRequest], cfg: &SimConfig, helper: bool) -> Report {
                 fast_prefill_rows: w.fast_prefill_rows,
             };
             Mutex::new(Cell {
-                worker: Worker::new(Scheduler::new(cfg.engine.sched_config(&cap))),
+                worker: Worker::new(
+                    Scheduler::new(cfg.engine.sched_config(&cap)),
+                    cfg.seed ^ (i as u64).wrapping_mul(0xd6e8_feb8_6659_fd93),
+                ),
                 load: WorkerLoad {
                     id: i as u64,
                     prefill_ns_per_token: w.profile.per_token.0.max(1),
@@ -634,6 +639,7 @@ mod tests {
             slots: 64,
             usd_per_hour: 2.0,
             fast_prefill_rows: 1,
+            step_noise: 0.0,
         };
         SimConfig {
             workers: vec![worker; 4],
@@ -674,16 +680,26 @@ mod tests {
                 band: Band::Standard,
             })
             .collect();
+        let json = |r: &Report| serde_json::to_string(r).expect("json");
         for policy in [Policy::PrefixLoad, Policy::RoundRobin, Policy::DynamoKv] {
-            let mut cfg = config(policy);
-            cfg.workers = vec![cfg.workers[0].clone(); 100];
-            let json = |r: &Report| serde_json::to_string(r).expect("json");
-            let alone = replay(&t, &cfg, false);
-            assert_eq!(alone.completed, 400, "{policy:?}");
-            for _ in 0..3 {
-                assert_eq!(json(&replay(&t, &cfg, true)), json(&alone), "{policy:?}");
+            // With step-time noise too: each step's draw is keyed by worker and step.
+            for noise in [0.0, 0.1] {
+                let mut cfg = config(policy);
+                cfg.workers[0].step_noise = noise;
+                cfg.workers = vec![cfg.workers[0].clone(); 100];
+                let alone = replay(&t, &cfg, false);
+                assert_eq!(alone.completed, 400, "{policy:?}");
+                for _ in 0..3 {
+                    assert_eq!(json(&replay(&t, &cfg, true)), json(&alone), "{policy:?}");
+                }
             }
         }
+        // The noise is drawn: another seed, another report.
+        let mut cfg = config(Policy::RoundRobin);
+        cfg.workers[0].step_noise = 0.1;
+        let a = replay(&t, &cfg, false);
+        cfg.seed += 1;
+        assert_ne!(a.e2e_ms, replay(&t, &cfg, false).e2e_ms);
     }
 
     #[test]

@@ -99,6 +99,32 @@ pub struct Accelerator {
     pub usd_per_hour: f64,
     /// Fewest rows a prefill piece needs for the kernels' fast path (1: no threshold).
     pub fast_prefill_rows: u32,
+    /// Spread of real step times around the profile's: the standard deviation of
+    /// `ln(measured / modelled)` (0: every step takes exactly what the profile says).
+    pub step_noise: f64,
+}
+
+/// `t` scaled by a lognormal factor of mean 1 and log-spread `sigma`, drawn from `key`
+/// (a worker's, from the run's seed) and `step`: seeded, and independent of the order
+/// in which the simulator's threads reach workers, so a report stays reproducible.
+pub fn jitter(t: Nanos, sigma: f64, key: u64, step: u64) -> Nanos {
+    if sigma <= 0.0 {
+        return t;
+    }
+    let a = splitmix(key ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let b = splitmix(a);
+    // Box-Muller on two uniforms in (0, 1].
+    let u = |x: u64| ((x >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    let z = (-2.0 * u(a).ln()).sqrt() * (std::f64::consts::TAU * u(b)).cos();
+    Nanos((t.0 as f64 * (sigma * z - sigma * sigma / 2.0).exp()).round() as u64)
+}
+
+/// SplitMix64's output function: a well-mixed 64-bit hash of `x`.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[derive(serde::Deserialize)]
@@ -128,6 +154,14 @@ pub struct ProfileEntry {
     /// scheduler cuts prompts as the real one does. Default 1: no threshold.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub fast_prefill_rows: u32,
+    /// Standard deviation of `ln(real / modelled step time)` over a real server's steps;
+    /// the simulator draws each step's time from it (seeded). Default 0: deterministic.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub step_noise: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn one() -> u32 {
@@ -152,6 +186,7 @@ impl ProfileEntry {
             slots: self.slots,
             usd_per_hour: self.usd_per_hour,
             fast_prefill_rows: self.fast_prefill_rows.max(1),
+            step_noise: self.step_noise.max(0.0),
         }
     }
 }
@@ -261,6 +296,23 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn jitter_is_seeded_with_mean_one_and_the_asked_spread() {
+        let t = Nanos(10_000_000);
+        assert_eq!(jitter(t, 0.0, 1, 2), t);
+        assert_eq!(jitter(t, 0.1, 1, 2), jitter(t, 0.1, 1, 2));
+        assert_ne!(jitter(t, 0.1, 1, 2), jitter(t, 0.1, 1, 3));
+        let logs: Vec<f64> = (0..20_000)
+            .map(|step| (jitter(t, 0.1, 7, step).0 as f64 / t.0 as f64).ln())
+            .collect();
+        let n = logs.len() as f64;
+        let mean_factor = logs.iter().map(|l| l.exp()).sum::<f64>() / n;
+        let mean = logs.iter().sum::<f64>() / n;
+        let sd = (logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!((mean_factor - 1.0).abs() < 0.005, "{mean_factor}");
+        assert!((sd - 0.1).abs() < 0.005, "{sd}");
+    }
 
     #[test]
     fn profiles_parse() {

@@ -5,7 +5,7 @@
 //! (`cluster.rs`).
 
 use crate::cluster::SimWorker;
-use crate::profile::StepShape;
+use crate::profile::{jitter, StepShape};
 use crate::trace::TraceRequest;
 use rustc_hash::FxHashMap;
 use tokenfab_sched::route::WorkerLoad;
@@ -44,6 +44,8 @@ pub(crate) struct Worker {
     pub steps: u64,
     /// When the last of them ended.
     pub last: Nanos,
+    /// Draws this worker's step-time noise (from the run's seed).
+    noise_key: u64,
 }
 
 /// A request's trace index.
@@ -52,7 +54,7 @@ fn index(id: RequestId) -> usize {
 }
 
 impl Worker {
-    pub fn new(sched: Scheduler) -> Worker {
+    pub fn new(sched: Scheduler, noise_key: u64) -> Worker {
         Worker {
             sched,
             awaiting: Vec::new(),
@@ -64,6 +66,7 @@ impl Worker {
             ended: Vec::new(),
             steps: 0,
             last: Nanos(0),
+            noise_key,
         }
     }
 
@@ -172,7 +175,12 @@ impl Worker {
                     kind.fast_prefill_rows,
                     plan.work.iter().map(|w| (w.pos, u64::from(w.n))),
                 );
-                let t = kind.profile.step_time(&shape);
+                let t = jitter(
+                    kind.profile.step_time(&shape),
+                    kind.step_noise,
+                    self.noise_key,
+                    self.steps,
+                );
                 self.step_time = t;
                 self.work = plan.work;
                 self.done_at = Some(Nanos(now.0 + t.0.max(1)));

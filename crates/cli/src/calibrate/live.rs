@@ -53,6 +53,7 @@ impl<E: Executor> Executor for Timed<E> {
                 what: "live".into(),
                 shape,
                 secs,
+                spread: Vec::new(),
             });
         }
         Ok(out)
