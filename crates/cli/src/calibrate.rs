@@ -391,10 +391,7 @@ fn measure(
         let secs = started.elapsed().as_secs_f64();
         if run > 0 {
             times.push(secs);
-            shapes.push(StepShape::of(
-                fast_rows,
-                batch.iter().map(|e| (e.pos, e.tokens.len() as u64)),
-            ));
+            shapes.push(StepShape::of_batch(fast_rows, &batch));
         }
         exec.trim(last, prefill.depth);
     }

@@ -38,10 +38,7 @@ impl Executor for ModelExecutor {
     fn trim(&mut self, _slot: SeqSlot, _from: u64) {}
 
     fn run(&mut self, batch: &[BatchEntry<'_>]) -> Result<Vec<Sampled>, ExecError> {
-        let shape = StepShape::of(
-            self.capacity.fast_prefill_rows,
-            batch.iter().map(|e| (e.pos, e.tokens.len() as u64)),
-        );
+        let shape = StepShape::of_batch(self.capacity.fast_prefill_rows, batch);
         let t = self.spec.profile.step_time(&shape);
         if t.0 > 0 {
             std::thread::sleep(t.into());

@@ -49,6 +49,14 @@ impl StepShape {
         }
         s
     }
+
+    /// The shape of an executor's batch (see [`StepShape::of`]).
+    pub fn of_batch(fast_rows: u32, batch: &[tokenfab_engine::BatchEntry<'_>]) -> StepShape {
+        StepShape::of(
+            fast_rows,
+            batch.iter().map(|e| (e.pos, e.tokens.len() as u64)),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

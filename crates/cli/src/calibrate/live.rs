@@ -44,10 +44,7 @@ impl<E: Executor> Executor for Timed<E> {
         let started = Instant::now();
         let out = self.inner.run(batch)?;
         let secs = started.elapsed().as_secs_f64();
-        let shape = StepShape::of(
-            self.inner.capacity().fast_prefill_rows,
-            batch.iter().map(|e| (e.pos, e.tokens.len() as u64)),
-        );
+        let shape = StepShape::of_batch(self.inner.capacity().fast_prefill_rows, batch);
         if let Ok(mut p) = self.points.lock() {
             p.push(Point {
                 what: "live".into(),
