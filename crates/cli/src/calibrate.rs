@@ -7,6 +7,7 @@
 //! and `worker --mock`).
 
 mod live;
+mod server_log;
 
 use clap::Args;
 use std::time::Instant;
@@ -54,8 +55,15 @@ pub struct CalibrateArgs {
     /// spread of the grid's repeated runs, a floor — serve's own steps spread ~0.1 around
     /// the model on the 2-core test machine (ARCHITECTURE.md, Simulator step times and
     /// fidelity).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "server_log")]
     step_noise: Option<f64>,
+    /// Set `step_noise` from a real server's steps instead: the spread of
+    /// ln(measured / modelled) around its mean over every "llama step" event in this
+    /// JSON log of `serve` (record it with `RUST_LOG=info,tokenfab_llama=trace tokenfab
+    /// --log-format json serve 2> FILE` while it serves a workload, e.g. `sim --against`).
+    /// Read before the grid runs, so a bad file fails fast.
+    #[arg(long)]
+    server_log: Option<std::path::PathBuf>,
     /// Also write every measured step (grid and live), one JSON line each: its batch
     /// shape and time, for a look at the fit.
     #[arg(long)]
@@ -100,6 +108,15 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     // Written into the profile, so that the simulator cuts prompts as this engine's
     // scheduler does, and used to tell the kernels' two attention paths apart.
     let fast_prefill_rows = exec.capacity().fast_prefill_rows;
+    let server_steps = match &a.server_log {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| server_log::read(&text, fast_prefill_rows))
+                .map_err(|e| anyhow::anyhow!("--server-log {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let repeats = a.repeats.max(1);
     let mut points = Vec::new();
     eprintln!("measuring {} ({repeats} runs per shape)", pulled.name);
@@ -189,7 +206,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         [1.0, 0.0]
     };
     let serve_defaults = serve.model;
-    let entry = ProfileEntry {
+    let mut entry = ProfileEntry {
         base_ms: round((base * scale + extra) * 1e3, 3),
         per_token_us: round(per_token * scale * 1e6, 2),
         per_seq_us: round(per_seq * scale * 1e6, 2),
@@ -275,6 +292,11 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         mean * 100.0,
         max * 100.0
     );
+    // The server's spread around the model just fitted (its speed against the grid's
+    // is printed, not counted: the machine's speed drifts between the two).
+    if let Some(steps) = &server_steps {
+        entry.step_noise = round(server_log::report(&fitted, steps)?.sd, 3);
+    }
     if let Some(path) = &a.steps {
         let mut text = String::new();
         for p in &points {
