@@ -243,7 +243,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     }
     // Live steps by kind: their total time (what a simulated run adds up) and the mean
     // error of one step.
-    let is_decode: fn(&Point) -> bool = |p| p.shape.tokens == p.shape.seqs;
+    let is_decode: fn(&Point) -> bool = |p| p.shape.decodes_only();
     for (kind, is_kind) in [
         ("live decode steps", is_decode),
         ("live lone prefill steps", |p| {

@@ -50,6 +50,11 @@ impl StepShape {
         s
     }
 
+    /// Whether every entry decodes one token (no prompt piece in the step).
+    pub fn decodes_only(&self) -> bool {
+        self.tokens == self.seqs
+    }
+
     /// The shape of an executor's batch (see [`StepShape::of`]).
     pub fn of_batch(fast_rows: u32, batch: &[tokenfab_engine::BatchEntry<'_>]) -> StepShape {
         StepShape::of(

@@ -68,9 +68,12 @@ pub struct Spread {
 }
 
 impl Spread {
-    pub fn of(profile: &StepProfile, steps: &[&ServerStep]) -> Option<Spread> {
+    pub fn of<'a>(
+        profile: &StepProfile,
+        steps: impl IntoIterator<Item = &'a ServerStep>,
+    ) -> Option<Spread> {
         let logs: Vec<f64> = steps
-            .iter()
+            .into_iter()
             .map(|s| (s.ms / (profile.step_time(&s.shape).0 as f64 / 1e6)).ln())
             .filter(|r| r.is_finite())
             .collect();
@@ -86,31 +89,37 @@ impl Spread {
             sd: var.sqrt(),
         })
     }
+
+    fn print(&self, kind: &str) {
+        println!(
+            "server steps, {kind:<13} {:>6} steps: {:+.1} % against the profile (geometric mean), sd of ln(measured / modelled) {:.3}",
+            self.steps,
+            (self.mean.exp() - 1.0) * 100.0,
+            self.sd
+        );
+    }
 }
 
 /// Print the server's spread around `profile`, overall and by kind, and return the
 /// overall one.
 pub fn report(profile: &StepProfile, steps: &[ServerStep]) -> anyhow::Result<Spread> {
-    let all: Vec<&ServerStep> = steps.iter().collect();
-    let overall = Spread::of(profile, &all)
+    let overall = Spread::of(profile, steps)
         .ok_or_else(|| anyhow::anyhow!("the server log holds fewer than two usable steps"))?;
-    let decode = |s: &&ServerStep| s.shape.tokens == s.shape.seqs;
-    let kinds: [(&str, Vec<&ServerStep>); 3] = [
-        ("all", all.clone()),
-        ("decode only", all.iter().copied().filter(decode).collect()),
+    overall.print("all");
+    let decode = |s: &&ServerStep| s.shape.decodes_only();
+    let kinds = [
+        (
+            "decode only",
+            Spread::of(profile, steps.iter().filter(decode)),
+        ),
         (
             "with prefill",
-            all.iter().copied().filter(|s| !decode(s)).collect(),
+            Spread::of(profile, steps.iter().filter(|s| !decode(s))),
         ),
     ];
-    for (kind, of_kind) in kinds {
-        if let Some(s) = Spread::of(profile, &of_kind) {
-            println!(
-                "server steps, {kind:<13} {:>6} steps: {:+.1} % against the profile (geometric mean), sd of ln(measured / modelled) {:.3}",
-                s.steps,
-                (s.mean.exp() - 1.0) * 100.0,
-                s.sd
-            );
+    for (kind, spread) in kinds {
+        if let Some(s) = spread {
+            s.print(kind);
         }
     }
     Ok(overall)
@@ -173,7 +182,7 @@ mod tests {
         };
         // Twice as slow as modelled, spread e^±0.1 around that.
         let steps = [step(20.0 * 0.1f64.exp()), step(20.0 * (-0.1f64).exp())];
-        let s = Spread::of(&profile, &steps.iter().collect::<Vec<_>>()).expect("spread");
+        let s = Spread::of(&profile, &steps).expect("spread");
         assert!((s.mean - 2f64.ln()).abs() < 1e-9, "{s:?}");
         // Two deviations of 0.1 over one degree of freedom.
         assert!((s.sd - 0.02f64.sqrt()).abs() < 1e-9, "{s:?}");
