@@ -13,6 +13,51 @@ use tokenfab_types::NanoUsd;
 pub(crate) struct SqliteBackend {
     conn: Connection,
     wal: std::path::PathBuf,
+    /// Wakes the checkpointer after a commit; dropping it stops the checkpointer.
+    checkpoint: std::sync::mpsc::SyncSender<()>,
+}
+
+/// WAL frames after which the writer checkpoints by itself (SQLite's autocheckpoint),
+/// the bound on the WAL (~16 MB of 4 KB pages) should the checkpointer fall behind.
+const WAL_BOUND_FRAMES: i64 = 4000;
+
+/// How long the checkpointer lets commits gather before it copies them into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The checkpointer: a thread with its own connection that copies committed WAL frames
+/// into the database file (a PASSIVE checkpoint, which never blocks the writer) shortly
+/// after each burst of commits. A checkpoint fsyncs the WAL and then the database file;
+/// run by the writer itself (SQLite's autocheckpoint at 1,000 frames, a dozen times a
+/// second at 2k req/s) those fsyncs held every request queued behind it for ~1 ms,
+/// which was the P99 of a keyed gateway. The writer's own autocheckpoint stays as the
+/// bound ([`WAL_BOUND_FRAMES`]): it finds the frames already copied, so it is short,
+/// and as the WAL's only writer it is what lets the WAL restart from its beginning.
+/// Safe as SQLite's own checkpoints are: frames reach the database file only after the
+/// WAL holding them is synced, and the WAL is reused only after the database is synced.
+fn spawn_checkpointer(path: &str) -> DbResult<std::sync::mpsc::SyncSender<()>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let path = path.to_owned();
+    std::thread::Builder::new()
+        .name("ledger-checkpoint".into())
+        .spawn(move || {
+            let conn = match Connection::open(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ledger checkpointer not started; the writer checkpoints alone");
+                    return;
+                }
+            };
+            // Commits arrive; it runs until the writer's connection is dropped.
+            while rx.recv().is_ok() {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                while rx.try_recv().is_ok() {}
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "ledger checkpoint skipped");
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the ledger checkpointer: {e}"))?;
+    Ok(tx)
 }
 
 fn db(e: rusqlite::Error) -> String {
@@ -31,6 +76,8 @@ impl SqliteBackend {
             .map_err(db)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_BOUND_FRAMES)
+            .map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db)?;
         conn.set_prepared_statement_cache_capacity(32);
@@ -41,6 +88,7 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             conn,
             wal: wal.into(),
+            checkpoint: spawn_checkpointer(path)?,
         })
     }
 }
@@ -51,7 +99,10 @@ impl Backend for SqliteBackend {
     }
 
     async fn commit(&mut self) -> DbResult<()> {
-        self.conn.execute_batch("COMMIT").map_err(db)
+        self.conn.execute_batch("COMMIT").map_err(db)?;
+        // Full means a wake-up is already pending.
+        let _ = self.checkpoint.try_send(());
+        Ok(())
     }
 
     async fn rollback(&mut self) {
