@@ -28,8 +28,9 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// into the database file (a PASSIVE checkpoint, which never blocks the writer) shortly
 /// after each burst of commits. A checkpoint fsyncs the WAL and then the database file;
 /// run by the writer itself (SQLite's autocheckpoint at 1,000 frames, a dozen times a
-/// second at 2k req/s) those fsyncs held every request queued behind it for ~1 ms,
-/// which was the P99 of a keyed gateway. The writer's own autocheckpoint stays as the
+/// second at 2k req/s) those fsyncs held every request queued behind it for ~1 ms.
+/// Moved here, a keyed gateway's P99.9 went 3.1 → 2.9 ms and its P99 1.84 → 1.79 ms:
+/// the fsync each response waits for is the rest. The writer's own autocheckpoint stays as the
 /// bound ([`WAL_BOUND_FRAMES`]): it finds the frames already copied, so it is short,
 /// and as the WAL's only writer it is what lets the WAL restart from its beginning.
 /// Safe as SQLite's own checkpoints are: frames reach the database file only after the
