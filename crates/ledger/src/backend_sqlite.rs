@@ -35,9 +35,8 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// and as the WAL's only writer it is what lets the WAL restart from its beginning.
 /// Safe as SQLite's own checkpoints are: frames reach the database file only after the
 /// WAL holding them is synced, and the WAL is reused only after the database is synced.
-fn spawn_checkpointer(path: &str) -> DbResult<std::sync::mpsc::SyncSender<()>> {
+fn spawn_checkpointer(path: std::path::PathBuf) -> DbResult<std::sync::mpsc::SyncSender<()>> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-    let path = path.to_owned();
     std::thread::Builder::new()
         .name("ledger-checkpoint".into())
         .spawn(move || {
@@ -82,14 +81,16 @@ impl SqliteBackend {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db)?;
         conn.set_prepared_statement_cache_capacity(32);
-        // Absolute, so the syncer finds the WAL whatever the working directory becomes.
+        // Absolute, so the syncer and the checkpointer find the files whatever the working
+        // directory becomes.
         let file = std::fs::canonicalize(path).map_err(|e| format!("{path}: {e}"))?;
+        let checkpoint = spawn_checkpointer(file.clone())?;
         let mut wal = file.into_os_string();
         wal.push("-wal");
         Ok(SqliteBackend {
             conn,
             wal: wal.into(),
-            checkpoint: spawn_checkpointer(path)?,
+            checkpoint,
         })
     }
 }
