@@ -146,6 +146,7 @@ impl Scheduler {
         // request arriving mid-step waits at most IDLE_STEP_FACTOR targets for it.
         // Until the model has seen enough steps, the token budget alone limits prefill.
         let decodes = work.len();
+        let repay = std::mem::take(&mut self.raised_piece) && decodes > 0;
         let mut budget = StepBudget {
             tokens: self.tokens_left(&work),
             secs: None,
@@ -177,20 +178,36 @@ impl Scheduler {
             (adm.lead, self.active_min_counter()),
             (Some(lead), Some(least)) if lead.counter > least
         );
+        // Prompts down to their last block get their first token from this step: clients
+        // wait on it as on a decode. (Timed as idle, the step that computed chats' tails
+        // beside a 3,000-token prompt took a 0.5 s piece of it: mixlong chats' TTFT.)
+        let bt = u64::from(self.blocks.block_tokens());
+        let tails = (self.running.iter())
+            .filter(|r| !r.planned && (2..=bt).contains(&r.remaining_prefill()))
+            .count();
+        let waited_on = decodes + tails;
         if let Some(target) = self.cfg.target_step {
-            let target = if decodes == 0 {
+            let target = if waited_on == 0 {
                 Nanos(target.0 * IDLE_STEP_FACTOR)
             } else if contended {
                 target
             } else {
-                Nanos((target.0 as f64 * self.fill_stretch(decodes)) as u64)
+                Nanos((target.0 as f64 * self.fill_stretch(waited_on)) as u64)
             };
             let share = if contended { CONTENDED_STEP_SHARE } else { 1.0 };
             budget.secs = Some(self.times.prefill_secs(decodes, target) * share);
             // One block, or one piece of the kernels' fast path if that is more, whatever
             // the time says: a prompt deep enough that not even that fits in the time
-            // left still moves.
-            budget.floor = u64::from(self.blocks.block_tokens().max(self.cfg.min_prefill_piece));
+            // left still moves. Not in the step right after one that took such a piece
+            // beside decoding streams: they get a token between two (a piece deep in a
+            // 3,000-token prompt made each step ~0.45 s against a 0.25 s target, and a
+            // token that streams no text, ~1 in 50, then waited two of them: `scripts/
+            // bench-peers`' mixlong chats, ITL P99 0.94 s). Prompts lose a decode-only
+            // step's ~25 ms per piece.
+            if !repay {
+                budget.floor =
+                    u64::from(self.blocks.block_tokens().max(self.cfg.min_prefill_piece));
+            }
         }
         self.plan_prefill(&mut budget, &mut work, &mut adm);
         if adm.deferred.get() && adm.start.is_empty() && work.iter().all(Work::is_decode) {
@@ -292,10 +309,11 @@ impl Scheduler {
         u64::from(self.cfg.max_step_tokens).saturating_sub(used)
     }
 
-    /// How many target step times a step with `decodes` streams decoding may take, so
-    /// that short waiting prompts (at most one chunk long) join the decode batch in one
-    /// step rather than one per step: `(decodes + short waiting prompts the batch has
-    /// room for) / decodes`, at most [`MAX_FILL_STRETCH`]. A step reads all the weights
+    /// How many target step times a step with `decodes` streams waiting on it (decoding,
+    /// or at their prompt's tail) may take, so that short waiting prompts (at most one
+    /// chunk long) join the decode batch in one step rather than one per step:
+    /// `(decodes + short waiting prompts the batch has room for) / decodes`, at most
+    /// [`MAX_FILL_STRETCH`]. A step reads all the weights
     /// once whatever it holds, so while the batch decodes fewer streams than it could,
     /// every step runs below the kernels' throughput: in a closed loop of 16 clients
     /// whose requests end together, starting their successors one per step cost ~10 % of
@@ -323,30 +341,43 @@ impl Scheduler {
         //    steps.)
         self.admit_from_queue(budget, work, adm, Pass::Whole);
 
-        // 3. New sequences with less prompt to go than the longest running prefill,
-        //    chunked, in half of what is left: a chat that does not fit one step still
-        //    starts before a 3,000-token prompt's next chunk, and that prompt keeps the
-        //    other half.
+        // 3. New sequences with less prompt to go than the longest running prefill, and
+        //    at most a chunk, chunked, in half of what is left: a chat that does not fit
+        //    one step still starts before a 3,000-token prompt's next chunk, and that
+        //    prompt keeps the other half. (A long prompt waits for pass 5: it would not
+        //    get its first token soon anyway.)
         let longest = (self.running.iter())
             .filter(|r| !r.planned && r.remaining_prefill() > 0)
             .map(Running::remaining_prefill)
             .max();
+        let short = u64::from(self.cfg.max_prefill_chunk);
         if let Some(m) = longest {
             let mut half = budget.half();
             let before = half;
-            self.admit_from_queue(&mut half, work, adm, Pass::ShorterThan(m));
+            let pass = Pass::ShorterThan(m.min(short + 1));
+            self.admit_from_queue(&mut half, work, adm, pass);
             budget.spend(before, half);
         }
 
-        // 4. Prefill chunks of running sequences, least left to compute first (then the
-        //    oldest): a chat's last chunk is not held behind a long prompt's next one.
+        // 4. Prefill chunks of running sequences: those with at most a chunk to go first,
+        //    least left first (a chat's last chunk is not held behind a long prompt's
+        //    next one), then longer ones oldest first. Least-left-first among long prompts
+        //    too starved one: each newer, slightly shorter 3,000-token prompt went ahead
+        //    of it while it waited with ~3,000 to go (mixlong: a TTFT of 122 s, in a
+        //    147 s run).
         let mut order: Vec<usize> = (0..self.running.len())
             .filter(|&i| {
                 let r = &self.running[i];
                 !r.planned && r.remaining_prefill() > 0 && !adm.holds(r.req.id)
             })
             .collect();
-        order.sort_by_key(|&i| self.running[i].remaining_prefill());
+        order.sort_by_key(|&i| {
+            let r = &self.running[i];
+            match r.remaining_prefill() {
+                left if left <= short => (false, left),
+                _ => (true, r.req.arrival.0),
+            }
+        });
         for i in order {
             if !budget.open() {
                 break;
@@ -655,8 +686,15 @@ impl Scheduler {
         // streams crawled (`scripts/bench-peers`' mixlong load: 3,000-token prompts' TTFT
         // P50 118 s → 54 s, wall 249 s → 186 s; the chats pay: ITL P99 0.70 s → 0.99 s,
         // TTFT P50 1.7 s → 2.1 s).
+        // Only the step's first piece is raised so (while its floor is whole): raising
+        // every piece let a step carry a chat's start and a deep chunk, or two deep
+        // chunks, each beyond the time target (mixlong: 0.8–0.93 s steps, the chats' ITL
+        // P99); a later piece too short for the fast path waits for a step of its own.
         let fast = u64::from(self.cfg.min_prefill_piece);
         if n < left && n < fast {
+            if budget.secs.is_some() && budget.floor < fast {
+                return None;
+            }
             n = fast.min(left).min(budget.tokens).min(max_chunk);
         }
         // The tail after the last full block before the final token is always its own
@@ -685,7 +723,14 @@ impl Scheduler {
         if !self.reserve(i, end, pinned) {
             return None;
         }
-        budget.charge(&self.times, self.running[i].computed, n);
+        let pos = self.running[i].computed;
+        if budget
+            .secs
+            .is_some_and(|s| self.times.prefill_fit(s, pos).is_some_and(|fit| fit < n))
+        {
+            self.raised_piece = true;
+        }
+        budget.charge(&self.times, pos, n);
         let r = &mut self.running[i];
         r.planned = true;
         Some(Work {

@@ -202,6 +202,9 @@ pub struct Scheduler {
     /// Tenants as block owners, with their KV quotas.
     pub(crate) owners: Owners,
     draining: bool,
+    /// The last plan gave a prefill piece more rows than its time target left (the
+    /// step's floor): the next one, if streams decode, gives prefill no floor.
+    pub(crate) raised_piece: bool,
     /// The latest time passed in, for LRU order of cache entries.
     pub(crate) now: Nanos,
 }
@@ -223,6 +226,7 @@ impl Scheduler {
             times: StepTimes::default(),
             owners: Owners::default(),
             draining: false,
+            raised_piece: false,
             now: Nanos::ZERO,
         }
     }
