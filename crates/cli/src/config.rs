@@ -150,6 +150,10 @@ pub struct SchedulerConfig {
     /// Step time to keep while sequences stream (ms); prefill chunks are sized from
     /// measured step times to fit it. 0 = always use the whole step budget.
     pub target_step_ms: u32,
+    /// After a step that ended requests, wait this long (ms) for their clients' next
+    /// requests before a step that would only prefill prompts already running. 0 = plan
+    /// at once.
+    pub linger_ms: u32,
     /// A short request of a tenant far below its share of the batch (and the least
     /// served) gets steps of its own until its first token; the busier tenants' streams
     /// wait those steps.
@@ -221,6 +225,7 @@ impl Default for SchedulerConfig {
             max_waiting: e.max_waiting,
             max_waiting_tokens: e.max_waiting_tokens,
             target_step_ms: e.target_step_ms,
+            linger_ms: e.linger_ms,
             isolate_quiet_starts: e.isolate_quiet_starts,
             tenants: BTreeMap::new(),
         }
@@ -329,6 +334,7 @@ impl Config {
             max_waiting: self.scheduler.max_waiting,
             max_waiting_tokens: self.scheduler.max_waiting_tokens,
             target_step_ms: self.scheduler.target_step_ms,
+            linger_ms: self.scheduler.linger_ms,
             isolate_quiet_starts: self.scheduler.isolate_quiet_starts,
         })
     }

@@ -6,7 +6,7 @@ use crate::request::{Event, GenerateRequest, Generation, Usage};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokenfab_sched::{
     prefix_hashes, Ended, FinishReason, KvQuota, Rejection, SchedConfig, SchedRequest,
     SchedSnapshot, Scheduler, StepResult,
@@ -30,6 +30,10 @@ pub struct EngineConfig {
     /// Step time to keep while sequences decode (their inter-token latency); prefill
     /// chunks are sized from measured step times to fit. 0 = no target.
     pub target_step_ms: u32,
+    /// How long to wait for arrivals before a step that would only prefill prompts
+    /// already running, right after a step which ended requests
+    /// (`Scheduler::next_step_follows_ends`); 0 = plan at once.
+    pub linger_ms: u32,
     /// Named tenants' shares of the KV cache.
     pub kv_shares: BTreeMap<TenantId, KvShare>,
     /// A quiet tenant's short request gets steps of its own until its first token
@@ -55,6 +59,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             max_waiting_tokens: 1 << 20,
             target_step_ms: 250,
+            linger_ms: 3,
             kv_shares: BTreeMap::new(),
             isolate_quiet_starts: true,
         }
@@ -264,6 +269,8 @@ struct Loop<E> {
     metrics: EngineMetrics,
     snapshot: Arc<Mutex<SchedSnapshot>>,
     rng: rand::rngs::StdRng,
+    /// `EngineConfig::linger_ms`.
+    linger: Duration,
 }
 
 impl<E: Executor> Loop<E> {
@@ -284,6 +291,7 @@ impl<E: Executor> Loop<E> {
             metrics,
             snapshot,
             rng: rand::rngs::StdRng::from_entropy(),
+            linger: Duration::from_millis(u64::from(cfg.linger_ms)),
         }
     }
 
@@ -303,6 +311,16 @@ impl<E: Executor> Loop<E> {
             }
             while let Ok(cmd) = rx.try_recv() {
                 self.command(cmd);
+            }
+            if self.linger > Duration::ZERO && self.sched.next_step_follows_ends() {
+                let until = Instant::now() + self.linger;
+                loop {
+                    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                        Ok(cmd) => self.command(cmd),
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
             }
             self.reap_cancelled();
             let worked = self.step();

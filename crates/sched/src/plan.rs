@@ -201,9 +201,9 @@ impl Scheduler {
             // left still moves. Not in the step right after one that took such a piece
             // beside decoding streams: they get a token between two (a piece deep in a
             // 3,000-token prompt made each step ~0.45 s against a 0.25 s target, and a
-            // token that streams no text, ~1 in 50, then waited two of them: `scripts/
-            // bench-peers`' mixlong chats, ITL P99 0.94 s). Prompts lose a decode-only
-            // step's ~25 ms per piece.
+            // token whose text completes only with the next reached the client two of
+            // them later: `scripts/bench-peers`' mixlong chats, ITL P99 0.94 s). Prompts
+            // lose a decode-only step's ~35 ms per piece.
             if !repay {
                 budget.floor =
                     u64::from(self.blocks.block_tokens().max(self.cfg.min_prefill_piece));

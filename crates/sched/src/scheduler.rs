@@ -35,7 +35,8 @@ pub struct SchedConfig {
     /// time target never cuts a piece shorter than this (the prompt's end, the block
     /// boundary before its tail and the step's token budget still may): below it every
     /// row costs more, so a shorter piece buys the streams beside it little time and
-    /// the prompt much.
+    /// the prompt much. A step's first piece gets these rows beyond its time; a later
+    /// one that would not waits for a later step.
     pub min_prefill_piece: u32,
     /// Bounded queue: requests and prompt tokens waiting.
     pub max_waiting: u32,
@@ -205,6 +206,8 @@ pub struct Scheduler {
     /// The last plan gave a prefill piece more rows than its time target left (the
     /// step's floor): the next one, if streams decode, gives prefill no floor.
     pub(crate) raised_piece: bool,
+    /// The last completed step ended requests (read once by `next_step_follows_ends`).
+    ended_last: bool,
     /// The latest time passed in, for LRU order of cache entries.
     pub(crate) now: Nanos,
 }
@@ -227,6 +230,7 @@ impl Scheduler {
             owners: Owners::default(),
             draining: false,
             raised_piece: false,
+            ended_last: false,
             now: Nanos::ZERO,
         }
     }
@@ -511,7 +515,22 @@ impl Scheduler {
             ended.push(self.end_running(r, reason));
         }
         ended.sort_unstable_by_key(|e| e.id());
+        self.ended_last = !ended.is_empty();
         ended
+    }
+
+    /// Whether the step about to be planned comes right after one that ended requests
+    /// and would only prefill prompts already running, with no stream decoding: a step
+    /// timed as idle (up to twice the target), which the ended requests' successors
+    /// would wait out whole. Clients in a closed loop (agents, pipelines, benchmarks)
+    /// send those within milliseconds, so a driver may wait that long for arrivals first
+    /// (`EngineConfig::linger_ms`). With nothing running the driver waits for arrivals
+    /// anyway: false, so that a lone client's next request starts at once. True at most
+    /// once per ending step.
+    pub fn next_step_follows_ends(&mut self) -> bool {
+        std::mem::take(&mut self.ended_last)
+            && !self.running.is_empty()
+            && !(self.running.iter()).any(|r| r.computed > 0 && r.remaining_prefill() == 1)
     }
 
     /// Verify the internal invariants: every block's holders are exactly the slots whose

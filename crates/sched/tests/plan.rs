@@ -780,3 +780,32 @@ fn long_prompts_are_prefilled_oldest_first() {
     }
     assert_eq!(first_token, [older, newer]);
 }
+
+/// After a step that ended requests, a driver may wait for their clients' next requests
+/// before a step that would otherwise only prefill a prompt already running (timed as
+/// idle: long): not before a step with a stream decoding (short anyway), nor when
+/// nothing runs (the driver waits for arrivals then anyway), and once per ending step.
+#[test]
+fn a_step_after_ends_with_only_prefill_left_may_wait_for_arrivals() {
+    let mut h = Harness::new(long_prompt_config(512));
+    h.arrive("a", Band::Standard, 40, 2);
+    h.arrive("a", Band::Standard, 40, 4);
+    h.arrive("a", Band::Standard, 3000, 1);
+    let mut ends = Vec::new();
+    for _ in 0..40 {
+        let ended_before = h.ended.len();
+        h.step(0);
+        if h.ended.len() > ended_before {
+            ends.push(h.s.next_step_follows_ends());
+            assert!(!h.s.next_step_follows_ends(), "asked twice");
+        } else {
+            assert!(!h.s.next_step_follows_ends());
+        }
+        if h.ended.len() == 3 {
+            break;
+        }
+    }
+    // Request 1 ended beside request 2's decoding, request 2 beside the long prompt's
+    // prefill, which ended last.
+    assert_eq!(ends, [false, true, false]);
+}
