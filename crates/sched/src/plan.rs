@@ -496,7 +496,12 @@ impl Scheduler {
             };
             let bt = self.blocks.block_tokens();
             let fits = budget.fits(&self.times, reused_of(&hit, bt));
-            if pass.refuses(known - reused_of(&hit, bt), fits) {
+            // A start whose first piece would wait (`piece_waits`) waits in the queue: the
+            // piece refused after the start, the start is undone, and undoing one that took
+            // a cache entry over clears that entry (the shared-prefix load recomputed a
+            // 1,100-token prefix three times over in one run of five: wall 46 → 66 s).
+            let uncached = known - reused_of(&hit, bt);
+            if pass.refuses(uncached, fits) || self.piece_waits(budget, uncached, fits) {
                 break;
             }
             let mut keep: Vec<SeqSlot> = adm.pinned.clone();
@@ -665,6 +670,16 @@ struct Lead {
 }
 
 impl Scheduler {
+    /// Whether a prompt piece with `left` tokens to go, of which the step's time fits
+    /// `fits`, waits for a later step: fewer rows than the kernels' fast path fit, and
+    /// the step's first piece, the one lifted to those rows whatever the time says, is
+    /// taken.
+    fn piece_waits(&self, budget: &StepBudget, left: u64, fits: u64) -> bool {
+        let fast = u64::from(self.cfg.min_prefill_piece);
+        let n = left.min(fits).min(u64::from(self.cfg.max_prefill_chunk));
+        n < left && n < fast && budget.secs.is_some() && budget.floor < fast
+    }
+
     fn prefill_chunk(
         &mut self,
         i: usize,
@@ -692,7 +707,7 @@ impl Scheduler {
         // P99); a later piece too short for the fast path waits for a step of its own.
         let fast = u64::from(self.cfg.min_prefill_piece);
         if n < left && n < fast {
-            if budget.secs.is_some() && budget.floor < fast {
+            if self.piece_waits(budget, left, n) {
                 return None;
             }
             n = fast.min(left).min(budget.tokens).min(max_chunk);

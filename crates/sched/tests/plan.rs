@@ -809,3 +809,43 @@ fn a_step_after_ends_with_only_prefill_left_may_wait_for_arrivals() {
     // prefill, which ended last.
     assert_eq!(ends, [false, true, false]);
 }
+
+/// A request that would take a cached prefix's slot over (per-sequence KV layout) but
+/// whose first piece must wait for a later step (the step's fast-path piece is taken,
+/// and the time left fits fewer rows) stays queued: starting it and undoing the start
+/// cleared the cache entry it had taken over, and the prefix was computed again.
+#[test]
+fn a_start_that_must_wait_keeps_the_cache_entry_it_would_take_over() {
+    let mut cfg = long_prompt_config(512);
+    cfg.max_waiting = 16;
+    cfg.min_prefill_piece = 64;
+    cfg.adopt_cached_slots = true;
+    let mut h = Harness::new(cfg);
+    // A prompt of group 1 runs alone and is cached (its 96-token shared prefix; short
+    // enough that the next prompt of the group takes its slot over).
+    h.arrive_grouped("a", Band::Standard, 150, 1, Some(1));
+    while !h.ended.contains_key(&RequestId(1)) {
+        h.step(0);
+    }
+    // Chats decode (the time target leaves fewer rows than the fast path), a long
+    // prompt takes each step's lifted piece, and another prompt of group 1 arrives.
+    for _ in 0..6 {
+        h.arrive("a", Band::Standard, 40, 400);
+    }
+    for _ in 0..4 {
+        h.step(0);
+    }
+    h.arrive("a", Band::Standard, 3000, 8);
+    h.step(0);
+    h.arrive_grouped("a", Band::Standard, 300, 1, Some(1));
+    let hits_before = h.s.stats().prefix_hit_tokens;
+    for _ in 0..200 {
+        h.step(0);
+        assert_eq!(h.s.check_invariants(), Ok(()));
+        if h.ended.contains_key(&RequestId(9)) {
+            break;
+        }
+    }
+    assert!(h.ended.contains_key(&RequestId(9)));
+    assert_eq!(h.s.stats().prefix_hit_tokens - hits_before, 96);
+}
