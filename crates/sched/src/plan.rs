@@ -313,14 +313,14 @@ impl Scheduler {
     /// or at their prompt's tail) may take, so that short waiting prompts (at most one
     /// chunk long) join the decode batch in one step rather than one per step:
     /// `(decodes + short waiting prompts the batch has room for) / decodes`, at most
-    /// [`MAX_FILL_STRETCH`]. A step reads all the weights
-    /// once whatever it holds, so while the batch decodes fewer streams than it could,
-    /// every step runs below the kernels' throughput: in a closed loop of 16 clients
-    /// whose requests end together, starting their successors one per step cost ~10 % of
-    /// output tokens/s (`tokenfab bench --concurrency 16 --ignore-eos`). The decoding
-    /// streams pay one longer gap between tokens, once per such wave. Long prompts do not
-    /// count, so a 3,000-token prompt's chunks still keep to the target beside chats, and
-    /// neither do started prompts (counting them doubled the shared-prefix TTFT P50).
+    /// [`MAX_FILL_STRETCH`]. A step reads all the weights once whatever it holds, so
+    /// while the batch decodes fewer streams than it could, every step runs below the
+    /// kernels' throughput: in a closed loop of 16 clients whose requests end together,
+    /// starting their successors one per step cost ~10 % of output tokens/s (`tokenfab
+    /// bench --concurrency 16 --ignore-eos`). The decoding streams pay one longer gap
+    /// between tokens, once per such wave. Long prompts do not count, so a 3,000-token
+    /// prompt's chunks still keep to the target beside chats, and neither do started
+    /// prompts (counting them doubled the shared-prefix TTFT P50).
     fn fill_stretch(&self, decodes: usize) -> f64 {
         let short = u64::from(self.cfg.max_prefill_chunk);
         let room = (self.cfg.max_running as usize).saturating_sub(self.running.len());
@@ -498,8 +498,8 @@ impl Scheduler {
             let fits = budget.fits(&self.times, reused_of(&hit, bt));
             // A start whose first piece would wait (`piece_waits`) waits in the queue: the
             // piece refused after the start, the start is undone, and undoing one that took
-            // a cache entry over clears that entry (the shared-prefix load recomputed a
-            // 1,100-token prefix three times over in one run of five: wall 46 → 66 s).
+            // a cache entry over clears that entry (the shared-prefix load then computed
+            // ~3,300 prefix tokens again, in 3 runs of 7: wall ~47 → 62–66 s).
             let uncached = known - reused_of(&hit, bt);
             if pass.refuses(uncached, fits) || self.piece_waits(budget, uncached, fits) {
                 break;
