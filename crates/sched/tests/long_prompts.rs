@@ -285,3 +285,35 @@ fn a_start_that_must_wait_keeps_the_cache_entry_it_would_take_over() {
     assert!(h.ended.contains_key(&RequestId(9)));
     assert_eq!(h.s.stats().prefix_hit_tokens - hits_before, 96);
 }
+
+/// After a step whose piece got more rows than its time left (lifted to the fast path),
+/// the next step gives the streams decoding beside it a token with no lifted piece (a
+/// piece that fits its time, such as the prompt's tail, may still run): two lifted
+/// pieces never follow each other while chats decode.
+#[test]
+fn two_lifted_pieces_never_follow_each_other_beside_decodes() {
+    let mut h = six_chats_decoding(64);
+    h.arrive("a", Band::Standard, 3000, 8);
+    let long = RequestId(7);
+    let (mut lifted_before, mut pieces, mut decode_only) = (false, 0, 0);
+    for _ in 0..200 {
+        let step = h.step(0);
+        // The toy step-time model leaves 6 decoding streams time for 48 rows: a piece of
+        // 64 is lifted; longer ones, before the model has learned, fit their time.
+        let piece = step.iter().find(|d| d.0 == long && !d.2).map(|d| d.1);
+        if step.iter().filter(|d| d.2).count() == 6 {
+            assert!(
+                !(lifted_before && piece == Some(64)),
+                "a lifted piece right after a lifted one: {step:?}"
+            );
+            pieces += usize::from(piece.is_some());
+            decode_only += usize::from(piece.is_none());
+        }
+        lifted_before = piece == Some(64);
+        assert_eq!(h.s.check_invariants(), Ok(()));
+    }
+    assert!(
+        pieces > 20 && decode_only > 20,
+        "{pieces} pieces, {decode_only} without"
+    );
+}
