@@ -33,13 +33,19 @@ impl StepBudget {
         }
     }
 
-    /// Take a chunk of `n` tokens starting at `pos` off what is left.
-    pub fn charge(&mut self, times: &StepTimes, pos: u64, n: u64) {
+    /// Take a chunk of `n` tokens starting at `pos` off what is left. Returns whether
+    /// the chunk is predicted to take longer than the seconds that were left (the floor
+    /// paid for the rest).
+    pub fn charge(&mut self, times: &StepTimes, pos: u64, n: u64) -> bool {
         self.tokens -= n;
         self.floor = self.floor.saturating_sub(n);
-        if let Some(secs) = &mut self.secs {
-            *secs = (*secs - times.prefill_time(pos, n).unwrap_or(0.0)).max(0.0);
-        }
+        let Some(secs) = &mut self.secs else {
+            return false;
+        };
+        let cost = times.prefill_time(pos, n).unwrap_or(0.0);
+        let over = cost > *secs;
+        *secs = (*secs - cost).max(0.0);
+        over
     }
 
     /// Half of what is left (for one admission pass).

@@ -265,8 +265,7 @@ impl Scheduler {
         while i < self.running.len() {
             let r = &self.running[i];
             if r.planned
-                || r.computed == 0
-                || r.remaining_prefill() != 1
+                || !r.decodes_next()
                 || budget == 0
                 || held.binary_search(&r.req.id).is_ok()
             {
@@ -738,14 +737,9 @@ impl Scheduler {
         if !self.reserve(i, end, pinned) {
             return None;
         }
-        let pos = self.running[i].computed;
-        if budget
-            .secs
-            .is_some_and(|s| self.times.prefill_fit(s, pos).is_some_and(|fit| fit < n))
-        {
+        if budget.charge(&self.times, self.running[i].computed, n) {
             self.raised_piece = true;
         }
-        budget.charge(&self.times, pos, n);
         let r = &mut self.running[i];
         r.planned = true;
         Some(Work {

@@ -182,6 +182,12 @@ impl Running {
     pub fn remaining_prefill(&self) -> u64 {
         self.known - self.computed
     }
+
+    /// Whether its next work is a decode: its prompt is computed, up to the last token
+    /// sampled.
+    pub fn decodes_next(&self) -> bool {
+        self.computed > 0 && self.remaining_prefill() == 1
+    }
 }
 
 #[derive(Debug)]
@@ -530,7 +536,7 @@ impl Scheduler {
     pub fn next_step_follows_ends(&mut self) -> bool {
         std::mem::take(&mut self.ended_last)
             && !self.running.is_empty()
-            && !(self.running.iter()).any(|r| r.computed > 0 && r.remaining_prefill() == 1)
+            && !self.running.iter().any(Running::decodes_next)
     }
 
     /// Verify the internal invariants: every block's holders are exactly the slots whose
